@@ -1,0 +1,239 @@
+"""Input validation shared by the reference and every backend.
+
+Each check raises a ``ValueError`` or ``TypeError`` that names the offending argument and the shapes or
+dtypes involved, so a caller never gets a silent wrong answer or an indexing error deep in a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+TERMINAL_MODES = ("last_state", "last_transition")
+
+
+def _shape(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else list(t.shape)
+
+
+@dataclass(frozen=True)
+class WeightingOptions:
+    """How token weights are built from critic values (SPEC §2).
+
+    Attributes:
+        gamma: Discount of the intermediate TD errors.
+        beta: Temperature of the exponential weighting; must be positive.
+        min_weight: Lower clip of the weights.
+        max_weight: Upper clip of the weights.
+        terminal: ``"last_state"`` (td[last] = R - V[last]) or ``"last_transition"`` (textbook TD(0)).
+    """
+
+    gamma: float = 1.0
+    beta: float = 0.9
+    min_weight: float = 0.1
+    max_weight: float = 5.0
+    terminal: str = "last_state"
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.min_weight <= self.max_weight:
+            raise ValueError(
+                f"need 0 <= min_weight <= max_weight, got min_weight={self.min_weight}, "
+                f"max_weight={self.max_weight}"
+            )
+        if self.terminal not in TERMINAL_MODES:
+            raise ValueError(f"terminal must be one of {TERMINAL_MODES}, got {self.terminal!r}")
+
+
+def batch_and_seq(name: str, t: torch.Tensor) -> tuple[int, int]:
+    """``(B, T)`` of a ``[B, T]`` or ``[B, T, 1]`` tensor, or a ``ValueError`` naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [B, T] or [B, T, 1], got {_shape(t)}")
+    return t.shape[0], t.shape[1]
+
+
+def check_reduction(reduction: str) -> None:
+    """Raise unless ``reduction`` is one of ``mean``, ``sum``, ``none``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
+    """Check an attention mask against the ``[B, T]`` it must have."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != (batch, seq):
+        raise ValueError(
+            f"attention_mask must have shape [B, T] = [{batch}, {seq}], got {_shape(attention_mask)}"
+        )
+    if attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool, integer or real, got dtype {attention_mask.dtype}")
+
+
+def check_values_rewards(
+    values: torch.Tensor, rewards: torch.Tensor, batch: int, seq: int, values_name: str = "values"
+) -> None:
+    """Check critic ``values`` ([B, T] or [B, T, 1]) and ``rewards`` ([B])."""
+    check_float(values_name, values)
+    if values.shape not in ((batch, seq), (batch, seq, 1)):
+        raise ValueError(
+            f"{values_name} must have shape [B, T] or [B, T, 1] = [{batch}, {seq}(, 1)], got {_shape(values)}"
+        )
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    check_float("rewards", rewards)
+    if rewards.shape != (batch,):
+        raise ValueError(f"rewards must have shape [B] = [{batch}], got {_shape(rewards)}")
+
+
+def check_token_weight_inputs(
+    weights: torch.Tensor | None,
+    values: torch.Tensor | None,
+    rewards: torch.Tensor | None,
+    batch: int,
+    seq: int,
+) -> None:
+    """Check the weight source: ``weights``, or ``values`` + ``rewards``, or neither (uniform).
+
+    Raises:
+        ValueError: both sources given, only one of values / rewards, or a shape mismatch.
+    """
+    if weights is not None and (values is not None or rewards is not None):
+        raise ValueError(
+            "pass either weights, or values and rewards, not both "
+            f"(weights {_shape(weights)}, values {_shape(values)}, rewards {_shape(rewards)})"
+        )
+    if (values is None) != (rewards is None):
+        raise ValueError(
+            f"values and rewards go together: got values {_shape(values)} and rewards {_shape(rewards)}"
+        )
+    if weights is not None:
+        check_float("weights", weights)
+        if weights.shape != (batch, seq):
+            raise ValueError(f"weights must have shape [B, T] = [{batch}, {seq}], got {_shape(weights)}")
+    if values is not None:
+        check_values_rewards(values, rewards, batch, seq)
+
+
+def check_labels(labels: torch.Tensor, batch: int, seq: int, vocab: int, ignore_index: int) -> None:
+    """Check ``labels`` is an integer ``[B, T]`` tensor with ids in ``[0, V)`` or ``ignore_index``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (token ids), got dtype {labels.dtype}")
+    if labels.shape != (batch, seq):
+        raise ValueError(f"labels must have shape [B, T] = [{batch}, {seq}], got {_shape(labels)}")
+    out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range]
+        raise ValueError(
+            f"labels must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {bad.numel()} out of range, e.g. {bad[:5].tolist()}"
+        )
+
+
+def check_nonempty(name: str, batch: int, seq: int) -> None:
+    """Reject an empty batch (B == 0 or T == 0)."""
+    if batch == 0 or seq == 0:
+        raise ValueError(f"{name} is empty: B={batch}, T={seq}; need at least one token")
+
+
+def check_finite(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first given tensor that holds NaN or Inf."""
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{name} {_shape(t)} holds {n_bad} non-finite values (NaN or Inf)")
+
+
+def check_logits_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    values: torch.Tensor | None,
+    rewards: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[int, int, int, int]:
+    """Validate the inputs of the logits-based loss.
+
+    Returns:
+        ``(B, T, H, V)``.
+    """
+    check_float("logits", logits)
+    if logits.dim() != 4:
+        raise ValueError(f"logits must have shape [B, T, H, V], got {_shape(logits)}")
+    batch, seq, heads, vocab = logits.shape
+    check_nonempty("logits", batch, seq)
+    if heads == 0 or vocab == 0:
+        raise ValueError(f"logits must have H >= 1 heads and V >= 1 classes, got {_shape(logits)}")
+    check_reduction(reduction)
+    check_labels(labels, batch, seq, vocab, ignore_index)
+    check_mask(attention_mask, batch, seq)
+    check_token_weight_inputs(weights, values, rewards, batch, seq)
+    return batch, seq, heads, vocab
+
+
+def check_hidden_inputs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    values: torch.Tensor | None,
+    rewards: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[int, int, int, int, int]:
+    """Validate the inputs of the linear-fused loss.
+
+    Returns:
+        ``(B, T, H, d, V)``.
+    """
+    check_float("hidden", hidden)
+    if hidden.dim() != 4:
+        raise ValueError(f"hidden must have shape [B, T, H, d], got {_shape(hidden)}")
+    batch, seq, heads, dim = hidden.shape
+    check_nonempty("hidden", batch, seq)
+    if heads == 0 or dim == 0:
+        raise ValueError(f"hidden must have H >= 1 heads and d >= 1 features, got {_shape(hidden)}")
+    check_float("lm_head_weight", lm_head_weight)
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != dim or lm_head_weight.shape[0] == 0:
+        raise ValueError(
+            f"lm_head_weight must have shape [V, d] with d = {dim} (from hidden {_shape(hidden)}), "
+            f"got {_shape(lm_head_weight)}"
+        )
+    if lm_head_weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} must match hidden dtype {hidden.dtype}")
+    vocab = lm_head_weight.shape[0]
+    if lm_head_bias is not None:
+        check_float("lm_head_bias", lm_head_bias)
+        if lm_head_bias.shape != (vocab,):
+            raise ValueError(f"lm_head_bias must have shape [V] = [{vocab}], got {_shape(lm_head_bias)}")
+    if lm_head_weight.device != hidden.device or labels.device != hidden.device:
+        raise ValueError(
+            f"hidden ({hidden.device}), lm_head_weight ({lm_head_weight.device}) and labels "
+            f"({labels.device}) must be on one device"
+        )
+    check_reduction(reduction)
+    check_labels(labels, batch, seq, vocab, ignore_index)
+    check_mask(attention_mask, batch, seq)
+    check_token_weight_inputs(weights, values, rewards, batch, seq)
+    return batch, seq, heads, dim, vocab

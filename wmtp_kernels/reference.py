@@ -1,0 +1,526 @@
+"""Plain PyTorch reference for every WMTP computation (SPEC §2): the ground truth of the parity tests.
+
+Written for readability, not speed: it materialises logits and per-head cross-entropies. Every function
+computes in the dtype it is given, so a test can call it in float64 for a ground truth and in the input
+dtype for the error a plain PyTorch implementation makes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from wmtp_kernels._validation import (
+    WeightingOptions,
+    batch_and_seq,
+    check_float,
+    check_hidden_inputs,
+    check_logits_inputs,
+    check_mask,
+    check_values_rewards,
+)
+
+IGNORE_INDEX = -100
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (works for left and right padding).
+
+    Args:
+        attention_mask: ``[B, T]``, nonzero for real tokens.
+
+    Returns:
+        ``[B]`` int64; ``-1`` for a row without real tokens.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
+
+
+def _squeeze_values(values: torch.Tensor) -> torch.Tensor:
+    return values.squeeze(-1) if values.dim() == 3 else values
+
+
+def compute_td_errors(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    terminal: str = "last_state",
+) -> torch.Tensor:
+    """TD errors of a critic along each sequence (SPEC §2).
+
+    Intermediate: ``td[t] = gamma * V[t+1] - V[t]`` where t and t+1 are real and t < last.
+    ``terminal="last_state"``: ``td[last] = R - V[last]``.
+    ``terminal="last_transition"``: ``td[last-1] = R - V[last-1]`` and ``td[last] = 0`` (a row with a
+    single real token has no transition and gets all zeros). Padding positions are 0.
+
+    Args:
+        values: ``[B, T]`` or ``[B, T, 1]`` critic values V(s_t).
+        rewards: ``[B]`` sequence rewards.
+        attention_mask: ``[B, T]``, nonzero for real tokens; ``None`` means all real.
+        gamma: Discount factor.
+        terminal: ``"last_state"`` or ``"last_transition"``.
+
+    Returns:
+        ``[B, T]`` TD errors in the dtype of ``values``; differentiable in values and rewards.
+    """
+    batch, seq = batch_and_seq("values", values)
+    check_values_rewards(values, rewards, batch, seq)
+    check_mask(attention_mask, batch, seq)
+    WeightingOptions(gamma=gamma, terminal=terminal)
+    v = _squeeze_values(values)
+    real = torch.ones_like(v, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    last = last_token_index(real)[:, None]
+    positions = torch.arange(seq, device=v.device)[None, :]
+
+    bootstrap = gamma * v[:, 1:] - v[:, :-1]
+    both_real = real[:, 1:] & real[:, :-1] & (positions[:, :-1] < last)
+    td = F.pad(torch.where(both_real, bootstrap, torch.zeros_like(bootstrap)), (0, 1))
+
+    outcome = rewards.to(v.dtype)[:, None] - v
+    if terminal == "last_state":
+        td = torch.where(positions == last, outcome, td)
+    else:
+        td = torch.where((positions == last - 1) & (last >= 1), outcome, td)
+        td = torch.where(positions == last, torch.zeros_like(td), td)
+    return torch.where(real, td, torch.zeros_like(td))
+
+
+def build_weights(
+    td_errors: torch.Tensor, beta: float = 0.9, min_weight: float = 0.1, max_weight: float = 5.0
+) -> torch.Tensor:
+    """Exponential, clipped token weights ``clamp(exp(td / beta), min_weight, max_weight)``.
+
+    Args:
+        td_errors: TD errors of any shape.
+        beta: Temperature, > 0.
+        min_weight: Lower clip.
+        max_weight: Upper clip.
+
+    Returns:
+        Weights with the shape and dtype of ``td_errors``; differentiable (zero gradient where clipped).
+    """
+    check_float("td_errors", td_errors)
+    WeightingOptions(beta=beta, min_weight=min_weight, max_weight=max_weight)
+    return torch.clamp(torch.exp(td_errors / beta), min=min_weight, max=max_weight)
+
+
+def _finite_selection(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.detach().to(torch.float64)
+    keep = torch.isfinite(x)
+    if mask is not None:
+        if mask.shape != x.shape:
+            raise ValueError(
+                f"mask must have the shape of the statistic's input {list(x.shape)}, got {list(mask.shape)}"
+            )
+        keep &= mask.bool()
+    return x[keep]
+
+
+def _moments(x: torch.Tensor, prefix: str) -> dict[str, float]:
+    if x.numel() == 0:
+        return {f"{prefix}_mean": 0.0, f"{prefix}_std": 0.0, f"{prefix}_min": 0.0, f"{prefix}_max": 0.0}
+    return {
+        f"{prefix}_mean": x.mean().item(),
+        f"{prefix}_std": x.std(unbiased=False).item(),
+        f"{prefix}_min": x.min().item(),
+        f"{prefix}_max": x.max().item(),
+    }
+
+
+def compute_td_stats(td_errors: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean, (population) std, min and max of the TD errors over the masked, finite entries.
+
+    NaN / Inf entries are skipped, never raised; with no entry left every statistic is 0.
+
+    Args:
+        td_errors: TD errors of any shape.
+        mask: Optional mask of the same shape; nonzero entries are included.
+
+    Returns:
+        ``{"td_mean", "td_std", "td_min", "td_max"}`` as Python floats.
+    """
+    return _moments(_finite_selection(td_errors, mask), "td")
+
+
+def compute_weight_stats(weights: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Moments of the weights and the normalised entropy of ``p = w / sum(w)``.
+
+    The entropy is divided by ``log(n)`` so that 1 means uniform weights (a single entry counts as
+    uniform; no entry, or a non-positive sum, gives 0). NaN / Inf entries are skipped.
+
+    Args:
+        weights: Non-negative token weights of any shape.
+        mask: Optional mask of the same shape; nonzero entries are included.
+
+    Returns:
+        ``{"weight_mean", "weight_std", "weight_min", "weight_max", "weight_entropy"}`` as floats.
+    """
+    w = _finite_selection(weights, mask)
+    stats = _moments(w, "weight")
+    total = w.sum()
+    if w.numel() == 0 or total.item() <= 0:
+        stats["weight_entropy"] = 0.0
+    elif w.numel() == 1:
+        stats["weight_entropy"] = 1.0
+    else:
+        p = w.clamp(min=0) / total
+        stats["weight_entropy"] = (-torch.special.xlogy(p, p).sum() / math.log(w.numel())).item()
+    return stats
+
+
+def resolve_token_weights(
+    weights: torch.Tensor | None,
+    values: torch.Tensor | None,
+    rewards: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    like: torch.Tensor,
+    options: WeightingOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[B, T]`` token weights from the given source, and the TD errors when computed.
+
+    Args:
+        weights: Precomputed ``[B, T]`` weights, or ``None``.
+        values: ``[B, T(, 1)]`` critic values (with ``rewards``), or ``None``.
+        rewards: ``[B]`` rewards, or ``None``.
+        attention_mask: ``[B, T]`` mask or ``None``.
+        like: A ``[B, T, ...]`` tensor whose dtype and device uniform weights take.
+        options: TD and weighting options.
+
+    Returns:
+        ``(weights, td)``; ``td`` is ``None`` unless weights were built from values; with no source the
+        weights are uniform ones.
+    """
+    if weights is not None:
+        return weights, None
+    if values is None:
+        return torch.ones(like.shape[:2], dtype=like.dtype, device=like.device), None
+    td = compute_td_errors(values, rewards, attention_mask, options.gamma, options.terminal)
+    return build_weights(td, options.beta, options.min_weight, options.max_weight), td
+
+
+def head_valid_mask(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, k: int, ignore_index: int
+) -> torch.Tensor:
+    """``valid_k[b, t]`` for the predictions of head k (1-based) at positions ``t < T - k``.
+
+    Args:
+        labels: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` mask or ``None``.
+        k: Head offset, 1..H.
+        ignore_index: Label value excluded from the loss.
+
+    Returns:
+        ``[B, max(T - k, 0)]`` bool.
+    """
+    seq = labels.shape[1]
+    valid = labels[:, k:] != ignore_index
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        valid = valid & real[:, : seq - k] & real[:, k:]
+    return valid
+
+
+def _weighted_mtp_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Loss plus per-head unweighted CE sums and valid counts (for statistics)."""
+    batch, seq, heads, vocab = logits.shape
+    per_position = logits.new_zeros(batch, seq, heads)
+    numerators, ce_sums, counts = [], [], []
+    for k in range(1, heads + 1):
+        valid = head_valid_mask(labels, attention_mask, k, ignore_index)
+        if seq - k <= 0:
+            zero = logits.new_zeros(())
+            numerators.append(zero)
+            ce_sums.append(zero)
+            counts.append(zero)
+            continue
+        targets = torch.where(valid, labels[:, k:], torch.zeros_like(labels[:, k:]))
+        ce = F.cross_entropy(
+            logits[:, : seq - k, k - 1].reshape(-1, vocab), targets.reshape(-1), reduction="none"
+        ).view(batch, seq - k)
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        weighted = ce * token_weights[:, k - 1 : seq - 1].to(ce.dtype)
+        per_position[:, : seq - k, k - 1] = weighted
+        numerators.append(weighted.sum())
+        ce_sums.append(ce.sum())
+        counts.append(valid.sum().to(ce.dtype))
+    if reduction == "none":
+        loss = per_position
+    elif reduction == "sum":
+        loss = torch.stack(numerators).sum()
+    else:
+        loss = torch.stack([n / c.clamp(min=1) for n, c in zip(numerators, counts)]).mean()
+    return loss, ce_sums, counts
+
+
+def _loss_stats(
+    ce_sums: list[torch.Tensor],
+    counts: list[torch.Tensor],
+    token_weights: torch.Tensor,
+    td: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    ignore_index: int,
+) -> dict[str, float]:
+    stats = {f"ce_head{k}": (s / c.clamp(min=1)).item() for k, (s, c) in enumerate(zip(ce_sums, counts), 1)}
+    applied = applied_weight_mask(labels, attention_mask, ignore_index)
+    stats.update(compute_weight_stats(token_weights, applied))
+    if td is not None:
+        stats.update(compute_td_stats(td, applied))
+    return stats
+
+
+def applied_weight_mask(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    """Positions j whose weight is applied to a valid prediction (of token j + 1), as ``[B, T]`` bool.
+
+    Every target token is predicted by head 1, so these are exactly head 1's valid positions; statistics
+    of weights and TD errors returned with ``return_stats=True`` are taken over them.
+
+    Args:
+        labels: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` mask or ``None``.
+        ignore_index: Label value excluded from the loss.
+
+    Returns:
+        ``[B, T]`` bool (the last column is always False).
+    """
+    return F.pad(head_valid_mask(labels, attention_mask, 1, ignore_index), (0, 1), value=False)
+
+
+def weighted_mtp_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    beta: float = 0.9,
+    min_weight: float = 0.1,
+    max_weight: float = 5.0,
+    terminal: str = "last_state",
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+    """H-offset weighted multi-token cross-entropy from logits (SPEC §2), the reference.
+
+    Head k (1..H) at position t predicts ``labels[t + k]`` with weight ``weights[t + k - 1]``; a
+    prediction is valid when both positions are real and the label is not ``ignore_index``.
+    ``mean``: per head, weighted CE summed over valid predictions / max(#valid, 1), then mean over all
+    H heads. ``sum``: the sum of those numerators. ``none``: ``[B, T, H]`` weighted CE at the prediction
+    position, zero where not valid.
+
+    Args:
+        logits: ``[B, T, H, V]``.
+        labels: ``[B, T]`` int token ids (the input ids, prompt tokens set to ``ignore_index``).
+        attention_mask: ``[B, T]``, nonzero for real tokens; ``None`` means all real.
+        weights: ``[B, T]`` token weights; or give ``values`` and ``rewards``; neither means uniform.
+        values: ``[B, T(, 1)]`` critic values for in-loss TD weights (differentiable if they require grad).
+        rewards: ``[B]`` sequence rewards, with ``values``.
+        gamma: TD discount.
+        beta: Weight temperature.
+        min_weight: Lower weight clip.
+        max_weight: Upper weight clip.
+        terminal: TD terminal convention, ``"last_state"`` or ``"last_transition"``.
+        ignore_index: Label value excluded from the loss.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        return_stats: Also return per-head unweighted CE and weight (and TD) statistics.
+
+    Returns:
+        The loss (scalar, or ``[B, T, H]`` for ``none``), in the dtype of ``logits``; with
+        ``return_stats`` a tuple ``(loss, stats)``.
+    """
+    check_logits_inputs(logits, labels, attention_mask, weights, values, rewards, ignore_index, reduction)
+    options = WeightingOptions(gamma, beta, min_weight, max_weight, terminal)
+    token_weights, td = resolve_token_weights(weights, values, rewards, attention_mask, logits, options)
+    loss, ce_sums, counts = _weighted_mtp_from_logits(
+        logits, labels, attention_mask, token_weights, ignore_index, reduction
+    )
+    if not return_stats:
+        return loss
+    return loss, _loss_stats(ce_sums, counts, token_weights, td, labels, attention_mask, ignore_index)
+
+
+def weighted_mtp_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    beta: float = 0.9,
+    min_weight: float = 0.1,
+    max_weight: float = 5.0,
+    terminal: str = "last_state",
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    lm_head_bias: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+    """The linear-fused loss's reference: ``logits = hidden @ W.T (+ b)``, then the weighted MTP CE.
+
+    Args:
+        hidden: ``[B, T, H, d]`` final-normed hidden states of the H heads.
+        lm_head_weight: ``[V, d]`` shared unembedding.
+        labels: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` mask or ``None``.
+        weights: ``[B, T]`` token weights (or ``values`` + ``rewards``, or neither for uniform).
+        values: ``[B, T(, 1)]`` critic values.
+        rewards: ``[B]`` rewards.
+        gamma: TD discount.
+        beta: Weight temperature.
+        min_weight: Lower weight clip.
+        max_weight: Upper weight clip.
+        terminal: TD terminal convention.
+        ignore_index: Label value excluded from the loss.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        return_stats: Also return statistics (see :func:`weighted_mtp_cross_entropy`).
+        lm_head_bias: Optional ``[V]`` bias.
+
+    Returns:
+        As :func:`weighted_mtp_cross_entropy`.
+    """
+    check_hidden_inputs(
+        hidden,
+        lm_head_weight,
+        lm_head_bias,
+        labels,
+        attention_mask,
+        weights,
+        values,
+        rewards,
+        ignore_index,
+        reduction,
+    )
+    logits = F.linear(hidden, lm_head_weight, lm_head_bias)
+    return weighted_mtp_cross_entropy(
+        logits,
+        labels,
+        attention_mask,
+        weights,
+        values,
+        rewards,
+        gamma,
+        beta,
+        min_weight,
+        max_weight,
+        terminal,
+        ignore_index,
+        reduction,
+        return_stats,
+    )
+
+
+def value_loss(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    loss_type: str = "mse",
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """Critic regression of V(s_t) onto the sequence reward over the masked tokens, optionally clipped.
+
+    With ``old_values`` and ``clip_range`` (PPO style): ``V_clip = V_old + clamp(V - V_old, -c, c)`` and
+    the per-token loss is ``max(l(V, R), l(V_clip, R))``, so moving V further than ``c`` from ``V_old``
+    earns no gradient. ``V_old`` is whatever the caller snapshots (the trainer: a lagged copy of the
+    value head applied to the detached trunk states).
+
+    Args:
+        values: ``[B, T]`` or ``[B, T, 1]``.
+        rewards: ``[B]``, broadcast over each row.
+        mask: ``[B, T]`` tokens that count; ``None`` means all.
+        old_values: Reference values of the shape of ``values`` for clipping, or ``None``.
+        clip_range: The clip ``c`` > 0, or ``None`` for no clipping.
+        loss_type: ``"mse"`` (squared error) or ``"huber"`` (smooth L1 with ``huber_delta``).
+        huber_delta: Huber transition point.
+
+    Returns:
+        Scalar: the masked mean of the per-token loss (0 when the mask is empty).
+    """
+    batch, seq = batch_and_seq("values", values)
+    check_values_rewards(values, rewards, batch, seq)
+    check_mask(mask, batch, seq)
+    if loss_type not in ("mse", "huber"):
+        raise ValueError(f"loss_type must be 'mse' or 'huber', got {loss_type!r}")
+    v = _squeeze_values(values)
+    target = rewards.to(v.dtype)[:, None].expand_as(v)
+
+    def pointwise(x: torch.Tensor) -> torch.Tensor:
+        if loss_type == "mse":
+            return (x - target) ** 2
+        return F.huber_loss(x, target, reduction="none", delta=huber_delta)
+
+    per_token = pointwise(v)
+    if old_values is not None and clip_range is not None:
+        if old_values.shape != values.shape:
+            raise ValueError(
+                f"old_values must have the shape of values {list(values.shape)}, got {list(old_values.shape)}"
+            )
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        old = _squeeze_values(old_values).detach()
+        clipped = old + torch.clamp(v - old, -clip_range, clip_range)
+        per_token = torch.maximum(per_token, pointwise(clipped))
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(v.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+def explained_variance(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None
+) -> float:
+    """``1 - Var(R - V) / Var(R)`` over the masked tokens (R broadcast over each row).
+
+    Args:
+        values: ``[B, T]`` or ``[B, T, 1]``.
+        rewards: ``[B]``.
+        mask: ``[B, T]`` tokens that count; ``None`` means all.
+
+    Returns:
+        The explained variance as a float; NaN when the rewards have no variance over the mask.
+    """
+    batch, seq = batch_and_seq("values", values)
+    check_values_rewards(values, rewards, batch, seq)
+    check_mask(mask, batch, seq)
+    v = _squeeze_values(values).detach().to(torch.float64)
+    target = rewards.detach().to(torch.float64)[:, None].expand_as(v)
+    keep = torch.ones_like(v, dtype=torch.bool) if mask is None else mask.bool()
+    r, residual = target[keep], (target - v)[keep]
+    var_r = r.var(unbiased=False) if r.numel() else torch.tensor(0.0)
+    if r.numel() == 0 or var_r.item() <= 0:
+        return float("nan")
+    return (1 - residual.var(unbiased=False) / var_r).item()
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "applied_weight_mask",
+    "build_weights",
+    "compute_td_errors",
+    "compute_td_stats",
+    "compute_weight_stats",
+    "explained_variance",
+    "head_valid_mask",
+    "last_token_index",
+    "resolve_token_weights",
+    "value_loss",
+    "weighted_mtp_cross_entropy",
+    "weighted_mtp_loss_from_hidden",
+]
