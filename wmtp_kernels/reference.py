@@ -83,7 +83,7 @@ def compute_td_errors(
     if terminal == "last_state":
         td = torch.where(positions == last, outcome, td)
     else:
-        td = torch.where((positions == last - 1) & (last >= 1), outcome, td)
+        td = torch.where(positions == last - 1, outcome, td)
         td = torch.where(positions == last, torch.zeros_like(td), td)
     return torch.where(real, td, torch.zeros_like(td))
 
@@ -219,7 +219,7 @@ def head_valid_mask(
     valid = labels[:, k:] != ignore_index
     if attention_mask is not None:
         real = attention_mask.bool()
-        valid = valid & real[:, : seq - k] & real[:, k:]
+        valid = valid & real[:, : max(seq - k, 0)] & real[:, k:]
     return valid
 
 
