@@ -666,7 +666,7 @@ class MTPTransformer(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             mask = None
         else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            positions = positions_from_mask(attention_mask)
             mask = attention_bias(attention_mask)
         rotary = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)
