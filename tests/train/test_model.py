@@ -11,7 +11,9 @@ from wmtp_train.model import (
     ModelArgs,
     MTPTransformer,
     apply_rotary,
+    attention_bias,
     build_model,
+    positions_from_mask,
     rotary_tables,
 )
 
@@ -173,6 +175,17 @@ def test_head_order_head1_is_last_layer_then_extra_heads():
     torch.testing.assert_close(model.full_forward(tokens, n_heads=1).hidden, last.hidden[:, :, :1])
 
 
+def test_positions_and_attention_mask_from_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    allowed = attention_bias(mask)[:, 0]
+    assert allowed.any(-1).all()  # no empty softmax row (SDPA on CUDA would give NaN)
+    assert allowed[0, 1].tolist() == [False, True, False, False, False]  # a left pad sees itself only
+    assert allowed[0, 4].tolist() == [False, False, True, True, True]
+    assert allowed[1, 4].tolist() == [True, True, True, False, True]  # a right pad: real keys + itself
+    assert not allowed.triu(1).any()  # causal
+
+
 def pad(tokens: torch.Tensor, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = tokens.numel()
     ids, mask = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
@@ -182,6 +195,8 @@ def pad(tokens: torch.Tensor, width: int, left: bool) -> tuple[torch.Tensor, tor
 
 
 def test_left_and_right_padding_give_the_same_states_on_real_tokens():
+    # RoPE scores depend on relative positions only, so this checks masking; the mask-derived absolute
+    # positions (which a KV cache needs) are checked directly above.
     model = tiny_model()
     seqs = [torch.randint(1, TINY.vocab_size, (n,)) for n in (10, 6, 3)]
     width = 10
