@@ -421,13 +421,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None, kv_cache: Any = None
+    ) -> torch.Tensor:
         """Attend.
 
         Args:
             x: [B, T, d] normed input.
             rotary: rotary tables for the T positions.
             mask: boolean [B, 1, T, T] from :func:`attention_bias`, or None for plain causal attention.
+                With ``kv_cache``: [B, 1, T, T_cached + T] over the cached keys then the new ones.
+            kv_cache: optional decoding cache (``wmtp_train.generation``) with
+                ``update(k, v) -> (k_all, v_all)``, [B, T, n_kv_heads, head_dim] in and
+                [B, T_cached + T, n_kv_heads, head_dim] out (rotated keys).
 
         Returns:
             [B, T, d].
@@ -437,6 +443,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         out = F.scaled_dot_product_attention(
@@ -469,9 +477,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None) -> torch.Tensor:
-        """Run the block on [B, T, d] (see :meth:`Attention.forward` for ``rotary`` and ``mask``)."""
-        h = x + self.attention(self.attention_norm(x), rotary, mask)
+    def forward(
+        self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None, kv_cache: Any = None
+    ) -> torch.Tensor:
+        """Run the block on [B, T, d] (see :meth:`Attention.forward` for the other arguments)."""
+        h = x + self.attention(self.attention_norm(x), rotary, mask, kv_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, std: float, out_std: float) -> None:
