@@ -285,3 +285,24 @@ def weighted_ce_chunk_(
         num_warps=num_warps,
     )
     return ce, row_weight
+
+
+_TRITON_DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def aot_signature(logits_dtype: torch.dtype, has_td: bool, wide_strides: bool = False) -> dict[str, str]:
+    """Argument types of ``_weighted_ce_rows_kernel`` as the host launches it, for ahead-of-time compiles.
+
+    Args:
+        logits_dtype: Dtype of the logits chunk.
+        has_td: Whether the TD inputs are real tensors (otherwise the host passes ``scale`` in their place).
+        wide_strides: Type the row stride as int64, as Triton does for strides of 2**31 and more.
+
+    Returns:
+        ``{argument name: Triton type}`` including ``"constexpr"`` for the constexpr arguments.
+    """
+    td_types = ["*fp32", "*fp32", "*u8", "*i64", "*i64", "*i64"] if has_td else ["*fp32"] * 6
+    types = [_TRITON_DTYPES[logits_dtype], "*i64", "*fp32", "*fp32", *td_types, "*fp32", "*fp32"]
+    types += ["i32", "i64" if wide_strides else "i32", "i32", "i32", "fp32", "fp32", "fp32", "fp32"]
+    types += ["constexpr"] * 3
+    return dict(zip(_weighted_ce_rows_kernel.arg_names, types, strict=True))
