@@ -1,4 +1,4 @@
-"""Parity of the Triton chunk primitive (run by the Triton interpreter on CPU tensors).
+"""Parity of the Triton chunk primitive: interpreted on CPU tensors, or compiled on CUDA when there is one.
 
 Ground truth: float64 softmax / cross-entropy of the same (dtype-rounded) logits, and float64 weights
 from ``reference.compute_td_errors`` + ``reference.build_weights`` gathered at ``(row_b, row_j)``.
@@ -17,17 +17,20 @@ from wmtp_kernels import reference  # noqa: E402
 from wmtp_kernels._rows import TDRowInputs  # noqa: E402
 from wmtp_kernels._triton_ce import _weighted_ce_rows_kernel, launch_config, weighted_ce_chunk_  # noqa: E402
 
-if isinstance(_weighted_ce_rows_kernel, triton.runtime.JITFunction) and not torch.cuda.is_available():
+COMPILED = isinstance(_weighted_ce_rows_kernel, triton.runtime.JITFunction)
+if COMPILED and not torch.cuda.is_available():
     pytest.skip(
         "wmtp_kernels._triton_ce was imported before TRITON_INTERPRET=1 was set and there is no GPU",
         allow_module_level=True,
     )
+DEVICE = torch.device("cuda" if COMPILED else "cpu")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def truth_ce_and_grad(logits, targets, scale, weights):
     """float64 ce and gradient ``(softmax - onehot) * w * scale``; zero rows where ``scale == 0``."""
+    logits, targets, scale, weights = (t.cpu() for t in (logits, targets, scale, weights))
     x = logits.double()
     live = scale != 0
     lse = torch.logsumexp(torch.where(live[:, None], x, 0.0), dim=1)
@@ -46,7 +49,7 @@ def assert_grad_close(actual, truth, dtype):
     float32 term; the tiny absolute term covers entries that are zero in the truth.
     """
     bound = (torch.finfo(dtype).eps + 5e-6) * truth.abs() + 1e-7 * truth.abs().max()
-    err = (actual.double() - truth).abs()
+    err = (actual.cpu().double() - truth).abs()
     worst = (err - bound).argmax()
     assert bool((err <= bound).all()), (
         f"gradient mismatch at flat index {int(worst)}: got {actual.flatten()[worst].item()}, "
@@ -58,7 +61,11 @@ def make_rows(rows, vocab, dtype):
     logits = (torch.randn(rows, vocab) * 3).to(dtype)
     targets = torch.randint(0, vocab, (rows,))
     scale = torch.rand(rows) + 0.25
-    return logits, targets, scale
+    return logits.to(DEVICE), targets.to(DEVICE), scale.to(DEVICE)
+
+
+def on_device(*tensors):
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,12 +79,12 @@ def test_weights_mode_matches_float64_truth(dtype, vocab):
     # the row maximum in the last tile, then in the first: the online max must rescale the sum.
     logits[0, -1] = 40.0
     logits[1, 0] = 40.0
-    weights = torch.tensor([0.1, 5.0, 1.0, 0.37, 2.5, 1.0])
+    weights = torch.tensor([0.1, 5.0, 1.0, 0.37, 2.5, 1.0], device=DEVICE)
     ce_truth, grad_truth = truth_ce_and_grad(logits, targets, scale, weights)
 
     ce, row_weight = weighted_ce_chunk_(logits, targets, scale, weights, None)
 
-    torch.testing.assert_close(ce.double(), ce_truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce.cpu().double(), ce_truth, rtol=1e-5, atol=1e-5)
     assert torch.equal(row_weight, weights)
     assert logits.dtype == dtype
     assert_grad_close(logits, grad_truth, dtype)
@@ -87,17 +94,17 @@ def test_weights_mode_matches_float64_truth(dtype, vocab):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_view_with_stride_larger_than_vocab(dtype):
     rows, vocab, pad = 5, 123, 17
-    storage = (torch.randn(rows, vocab + pad) * 2).to(dtype)
+    storage = (torch.randn(rows, vocab + pad) * 2).to(dtype).to(DEVICE)
     before = storage.clone()
     logits = storage[:, 5 : 5 + vocab]
-    targets = torch.randint(0, vocab, (rows,))
-    scale = torch.full((rows,), 0.5)
-    weights = torch.rand(rows) * 3
+    targets, scale, weights = on_device(
+        torch.randint(0, vocab, (rows,)), torch.full((rows,), 0.5), torch.rand(rows) * 3
+    )
     ce_truth, grad_truth = truth_ce_and_grad(logits, targets, scale, weights)
 
     ce, _ = weighted_ce_chunk_(logits, targets, scale, weights, None)
 
-    torch.testing.assert_close(ce.double(), ce_truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce.cpu().double(), ce_truth, rtol=1e-5, atol=1e-5)
     assert_grad_close(storage[:, 5 : 5 + vocab], grad_truth, dtype)
     assert torch.equal(storage[:, :5], before[:, :5])
     assert torch.equal(storage[:, 5 + vocab :], before[:, 5 + vocab :])
@@ -130,16 +137,18 @@ def test_td_mode_matches_reference_weights(terminal, left_padding, dtype):
     weights_truth = reference.build_weights(td_truth, beta, min_weight, max_weight)[row_b, row_j]
     assert bool((weights_truth == min_weight).any()) and bool((weights_truth == max_weight).any())
     last = reference.last_token_index(mask)
-    td = TDRowInputs(values, rewards, mask, last, row_b, row_j, gamma, beta, min_weight, max_weight, terminal)
+    td = TDRowInputs(
+        *on_device(values, rewards, mask, last, row_b, row_j), gamma, beta, min_weight, max_weight, terminal
+    )
     original = logits.clone()
 
     ce, row_weight = weighted_ce_chunk_(logits, targets, scale, None, td)
 
     # float32 values carry ~1e-7 absolute error into td, so the weights are compared at 1e-5, and the
     # gradient against the truth built with the weights the kernel reports having used.
-    torch.testing.assert_close(row_weight.double(), weights_truth, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_weight.cpu().double(), weights_truth, rtol=1e-5, atol=1e-6)
     ce_truth, grad_truth = truth_ce_and_grad(original, targets, scale, row_weight)
-    torch.testing.assert_close(ce.double(), ce_truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce.cpu().double(), ce_truth, rtol=1e-5, atol=1e-5)
     assert_grad_close(logits, grad_truth, dtype)
 
 
@@ -147,11 +156,7 @@ def test_td_mode_accepts_int8_mask_and_gamma_one():
     values = torch.tensor([[0.5, 0.7, 0.9]])
     mask = torch.ones(1, 3, dtype=torch.int8)
     td = TDRowInputs(
-        values,
-        torch.tensor([1.0]),
-        mask,
-        torch.tensor([2]),
-        torch.zeros(3, dtype=torch.int64),
+        *on_device(values, torch.tensor([1.0]), mask, torch.tensor([2]), torch.zeros(3, dtype=torch.int64)),
         torch.arange(3),
         1.0,
         0.9,
@@ -164,18 +169,21 @@ def test_td_mode_accepts_int8_mask_and_gamma_one():
     _, row_weight = weighted_ce_chunk_(logits, targets, scale, None, td)
 
     # SPEC §2 acceptance: td = [0.2, 0.2, 0.1] -> weights exp(td / 0.9)
-    torch.testing.assert_close(row_weight, torch.exp(torch.tensor([0.2, 0.2, 0.1]) / 0.9), rtol=1e-5, atol=0)
+    want = torch.exp(torch.tensor([0.2, 0.2, 0.1]) / 0.9)
+    torch.testing.assert_close(row_weight.cpu(), want, rtol=1e-5, atol=0)
 
 
 def test_out_of_range_row_indices_read_nothing():
     values = torch.randn(2, 3)
     td = TDRowInputs(
-        values,
-        torch.ones(2),
-        torch.ones(2, 3, dtype=torch.bool),
-        torch.tensor([2, 2]),
-        torch.tensor([0, 5, 1]),
-        torch.tensor([7, 0, -1]),
+        *on_device(
+            values,
+            torch.ones(2),
+            torch.ones(2, 3, dtype=torch.bool),
+            torch.tensor([2, 2]),
+            torch.tensor([0, 5, 1]),
+            torch.tensor([7, 0, -1]),
+        ),
         1.0,
         0.9,
         0.1,
@@ -186,12 +194,12 @@ def test_out_of_range_row_indices_read_nothing():
 
     _, row_weight = weighted_ce_chunk_(logits, targets, scale, None, td)
 
-    assert torch.equal(row_weight, torch.ones(3))  # td = 0 -> exp(0) = 1
+    assert torch.equal(row_weight.cpu(), torch.ones(3))  # td = 0 -> exp(0) = 1
 
 
 def test_empty_chunk_returns_empty_outputs():
     ce, row_weight = weighted_ce_chunk_(
-        torch.empty(0, 9), torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0), None
+        *on_device(torch.empty(0, 9), torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0)), None
     )
     assert ce.shape == (0,) and row_weight.shape == (0,)
 
@@ -202,6 +210,11 @@ def test_launch_config_tiles_are_powers_of_two_within_bounds():
         assert block_v & (block_v - 1) == 0 and block_v <= 4096
         assert block_v >= min(vocab, 4096)
         assert num_warps in (1, 2, 4, 8)
+
+
+# The argument checks are device independent; their cases are CPU tensors, which the compiled kernel
+# refuses before any other check.
+cpu_only = pytest.mark.skipif(COMPILED, reason="argument-check cases are CPU tensors")
 
 
 def _valid_args():
@@ -223,6 +236,7 @@ def _valid_args():
         ({"weights": torch.ones(2)}, ValueError, "weights must have shape"),
     ],
 )
+@cpu_only
 def test_bad_inputs_raise_clear_errors(change, error, match):
     args = _valid_args() | change
     with pytest.raises(error, match=match):
@@ -260,6 +274,7 @@ def _td(**change):
         (_td(beta=0.0), ValueError, "beta"),
     ],
 )
+@cpu_only
 def test_bad_td_inputs_raise_clear_errors(td, error, match):
     args = _valid_args() | {"weights": None, "td": td}
     with pytest.raises(error, match=match):
