@@ -1,8 +1,12 @@
 """WMTP kernels: fused TD-error weighting and H-offset weighted multi-token cross-entropy.
 
-The reference implementations live in :mod:`wmtp_kernels.reference`.
+Public API: :func:`fused_weighted_mtp_loss` (linear-fused, logits never materialised),
+:class:`FusedWeightedMTPLoss` (its ``nn.Module`` form) and :func:`weighted_mtp_cross_entropy` (from
+logits, gradient in place). The reference implementations live in :mod:`wmtp_kernels.reference`.
 """
 
+from wmtp_kernels.mtp_cross_entropy import weighted_mtp_cross_entropy
+from wmtp_kernels.mtp_loss import FusedWeightedMTPLoss, fused_weighted_mtp_loss
 from wmtp_kernels.reference import (
     IGNORE_INDEX,
     build_weights,
@@ -15,10 +19,13 @@ from wmtp_kernels.reference import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "FusedWeightedMTPLoss",
     "build_weights",
     "compute_td_errors",
     "compute_td_stats",
     "compute_weight_stats",
     "explained_variance",
+    "fused_weighted_mtp_loss",
     "value_loss",
+    "weighted_mtp_cross_entropy",
 ]

@@ -1,10 +1,19 @@
-"""Per-row inputs shared by the chunk primitives of every backend (kernel contract)."""
+"""Row layout of the H-offset loss, shared by the chunk primitives of every backend (kernel contract).
+
+``hidden [B, T, H, d]`` (or ``logits [B, T, H, V]``) is viewed as ``N = B * T * H`` rows in the order
+``r = (b * T + t) * H + (k - 1)``. Row ``(b, t, k)`` predicts ``labels[b, t + k]`` with the token weight
+at index ``j = t + k - 1``, and counts only when it is *valid*: ``t + k < T``, both positions are real
+and the label is not ``ignore_index`` (:func:`wmtp_kernels.reference.head_valid_mask`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from wmtp_kernels._validation import WeightingOptions
+from wmtp_kernels.reference import head_valid_mask, last_token_index
 
 
 @dataclass(frozen=True)
@@ -41,3 +50,199 @@ class TDRowInputs:
     min_weight: float
     max_weight: float
     terminal: str
+
+    def select(self, rows: torch.Tensor | slice) -> TDRowInputs:
+        """The same inputs restricted to some rows (``row_b`` / ``row_j`` indexed by ``rows``).
+
+        Args:
+            rows: Row indices or a slice.
+
+        Returns:
+            A new :class:`TDRowInputs` sharing ``values``, ``rewards``, ``mask`` and ``last``.
+        """
+        return replace(self, row_b=self.row_b[rows], row_j=self.row_j[rows])
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Targets, validity and weight indices of all ``N = B * T * H`` rows.
+
+    Attributes:
+        batch: B.
+        seq: T.
+        heads: H.
+        valid: ``[N]`` bool, the rows that count.
+        targets: ``[N]`` int64 target ids (0 on invalid rows, so every id is a legal index).
+        row_b: ``[N]`` int64 batch index of each row.
+        row_j: ``[N]`` int64 weight index ``t + k - 1``, clipped to ``T - 1`` (only invalid rows clip).
+        head_counts: ``[H]`` int64 number of valid rows of each head.
+    """
+
+    batch: int
+    seq: int
+    heads: int
+    valid: torch.Tensor
+    targets: torch.Tensor
+    row_b: torch.Tensor
+    row_j: torch.Tensor
+    head_counts: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        """``N = B * T * H``."""
+        return self.batch * self.seq * self.heads
+
+    def head_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Head index ``k - 1`` of the given rows."""
+        return rows % self.heads
+
+    def valid_rows(self) -> torch.Tensor:
+        """``[N_valid]`` int64 ascending indices of the valid rows (the compaction used by chunking)."""
+        return self.valid.nonzero().squeeze(1)
+
+
+def build_row_layout(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, heads: int, ignore_index: int
+) -> RowLayout:
+    """Row layout of an ``[B, T]`` batch for ``heads`` future-token heads.
+
+    Args:
+        labels: ``[B, T]`` int token ids (already validated).
+        attention_mask: ``[B, T]`` mask or ``None`` (all real).
+        heads: H.
+        ignore_index: Label value excluded from the loss.
+
+    Returns:
+        The :class:`RowLayout`.
+    """
+    batch, seq = labels.shape
+    device = labels.device
+    valid = torch.zeros(batch, seq, heads, dtype=torch.bool, device=device)
+    targets = torch.zeros(batch, seq, heads, dtype=torch.int64, device=device)
+    for k in range(1, min(heads, seq - 1) + 1):
+        head_valid = head_valid_mask(labels, attention_mask, k, ignore_index)
+        valid[:, : seq - k, k - 1] = head_valid
+        targets[:, : seq - k, k - 1] = torch.where(head_valid, labels[:, k:].long(), 0)
+    t = torch.arange(seq, device=device)[:, None]
+    k = torch.arange(1, heads + 1, device=device)[None, :]
+    row_j = (t + k - 1).clamp(max=seq - 1).expand(batch, seq, heads)
+    row_b = torch.arange(batch, device=device)[:, None, None].expand(batch, seq, heads)
+    return RowLayout(
+        batch=batch,
+        seq=seq,
+        heads=heads,
+        valid=valid.reshape(-1),
+        targets=targets.reshape(-1),
+        row_b=row_b.reshape(-1),
+        row_j=row_j.reshape(-1),
+        head_counts=valid.sum(dim=(0, 1)),
+    )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-row quantities (CE, weights, scales): float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_scale(layout: RowLayout, reduction: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row loss scale: ``valid / (H * max(count_k, 1))`` for ``mean``, ``valid`` otherwise.
+
+    Args:
+        layout: The row layout.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``none`` uses unit scales; the caller multiplies
+            by the incoming per-row gradient).
+        dtype: Result dtype.
+
+    Returns:
+        ``[N]`` scales, zero on invalid rows.
+    """
+    scale = layout.valid.to(dtype)
+    if reduction == "mean":
+        per_head = 1.0 / (layout.heads * layout.head_counts.clamp(min=1).to(dtype))
+        scale = scale * per_head.repeat(layout.batch * layout.seq)
+    return scale
+
+
+def gather_row_weights(
+    layout: RowLayout, token_weights: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The token weight ``weights[b, t + k - 1]`` of each of the given rows.
+
+    Args:
+        layout: The row layout.
+        token_weights: ``[B, T]`` weights.
+        rows: ``[C]`` int64 row indices.
+        dtype: Result dtype.
+
+    Returns:
+        ``[C]`` weights.
+    """
+    flat = layout.row_b[rows] * layout.seq + layout.row_j[rows]
+    return token_weights.detach().reshape(-1).to(dtype)[flat]
+
+
+def td_row_inputs(
+    layout: RowLayout,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    options: WeightingOptions,
+    dtype: torch.dtype = torch.float32,
+) -> TDRowInputs:
+    """The :class:`TDRowInputs` of all ``N`` rows (select a chunk with :meth:`TDRowInputs.select`).
+
+    Args:
+        layout: The row layout.
+        values: ``[B, T]`` or ``[B, T, 1]`` critic values (detached and cast to ``dtype`` here).
+        rewards: ``[B]`` rewards.
+        attention_mask: ``[B, T]`` mask or ``None``.
+        options: TD and weighting options.
+        dtype: Dtype of values and rewards: float32 (the kernel contract) or float64 (torch backend).
+
+    Returns:
+        The TD inputs, with ``row_b`` / ``row_j`` of all rows.
+    """
+    v = values.detach().reshape(layout.batch, layout.seq).to(dtype).contiguous()
+    if attention_mask is None:
+        mask = torch.ones(layout.batch, layout.seq, dtype=torch.bool, device=v.device)
+    else:
+        mask = attention_mask.bool().contiguous()
+    return TDRowInputs(
+        values=v,
+        rewards=rewards.detach().to(dtype).contiguous(),
+        mask=mask,
+        last=last_token_index(mask),
+        row_b=layout.row_b,
+        row_j=layout.row_j,
+        gamma=float(options.gamma),
+        beta=float(options.beta),
+        min_weight=float(options.min_weight),
+        max_weight=float(options.max_weight),
+        terminal=options.terminal,
+    )
+
+
+def td_row_weights(td: TDRowInputs) -> torch.Tensor:
+    """Per-row weights from :class:`TDRowInputs`, by the contract's per-row formula (torch backend).
+
+    Args:
+        td: TD inputs of ``C`` rows.
+
+    Returns:
+        ``[C]`` ``clamp(exp(td(b, j) / beta), min_weight, max_weight)`` in the dtype of ``td.values``.
+    """
+    b, j = td.row_b, td.row_j
+    seq = td.values.shape[1]
+    real = td.mask.bool()
+    v_j = td.values[b, j]
+    j_next = (j + 1).clamp(max=seq - 1)
+    last = td.last[b]
+    bootstrap = torch.where((j < last) & real[b, j_next], td.gamma * td.values[b, j_next] - v_j, 0.0)
+    outcome = td.rewards[b] - v_j
+    if td.terminal == "last_state":
+        td_err = torch.where(j == last, outcome, bootstrap)
+    else:
+        td_err = torch.where((j == last - 1) & (last >= 1), outcome, bootstrap)
+        td_err = torch.where(j == last, 0.0, td_err)
+    td_err = torch.where(real[b, j], td_err, 0.0)
+    return torch.clamp(torch.exp(td_err / td.beta), min=td.min_weight, max=td.max_weight)
