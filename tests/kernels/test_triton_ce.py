@@ -1,21 +1,17 @@
 """Parity of the Triton chunk primitive: interpreted on CPU tensors, or compiled on CUDA when there is one.
 
-Ground truth: float64 softmax / cross-entropy of the same (dtype-rounded) logits, and float64 weights
-from ``reference.compute_td_errors`` + ``reference.build_weights`` gathered at ``(row_b, row_j)``.
+``tests/kernels/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no GPU. Ground truth: float64
+softmax / cross-entropy of the same (dtype-rounded) logits, and float64 weights from
+``reference.compute_td_errors`` + ``reference.build_weights`` gathered at ``(row_b, row_j)``.
 """
 
-import os
+import pytest
+import torch
+import triton
 
-# triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from wmtp_kernels import reference  # noqa: E402
-from wmtp_kernels._rows import TDRowInputs  # noqa: E402
-from wmtp_kernels._triton_ce import _weighted_ce_rows_kernel, launch_config, weighted_ce_chunk_  # noqa: E402
+from wmtp_kernels import reference
+from wmtp_kernels._rows import TDRowInputs
+from wmtp_kernels._triton_ce import _weighted_ce_rows_kernel, launch_config, weighted_ce_chunk_
 
 COMPILED = isinstance(_weighted_ce_rows_kernel, triton.runtime.JITFunction)
 if COMPILED and not torch.cuda.is_available():
