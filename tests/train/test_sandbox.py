@@ -106,8 +106,9 @@ time.sleep(300)
 def test_fork_bomb_past_the_guard_is_capped_by_the_kernel_and_fully_killed():
     result = run_program(BOUNDED_BOMB, timeout_s=3, max_processes=8, memory_mb=333, guard=False)
     assert result.timed_out
-    forked = int(result.stdout_tail)
-    assert 0 < forked < 8
+    # At most max_processes - 1 children (the program itself counts); 0 when the uid is already at
+    # its RLIMIT_NPROC (non-root without a user namespace), which is contained too.
+    assert int(result.stdout_tail) < 8
     assert live_sandbox_processes(333) == []
 
 
