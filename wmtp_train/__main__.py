@@ -1,0 +1,107 @@
+"""Command line: ``python -m wmtp_train`` (one process) or ``torchrun --nproc_per_node=N -m wmtp_train``.
+
+Examples::
+
+    python -m wmtp_train --recipe verifiable --preset micro --out runs/v --max-steps 20
+    torchrun --standalone --nproc_per_node=2 -m wmtp_train --recipe verifiable --preset micro --out runs/v
+    python -m wmtp_train --recipe baseline --set stage2.lr=3e-4 --set data.max_len=256 --print-config
+    python -m wmtp_train --recipe verifiable --out runs/v --resume          # latest good checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wmtp_train.config import RECIPES, TrainConfig, load_recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m wmtp_train", description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="verifiable", help=f"one of {RECIPES} or a path to a .toml file")
+    parser.add_argument("--preset", help="model preset (model.preset)")
+    parser.add_argument("--out", help="run directory (run.out_dir)")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps in total (run.max_steps)")
+    parser.add_argument("--data", help="training JSONL file (data.path); default: the HumanEval-verified set")
+    parser.add_argument(
+        "--checkpoint-dir", help="start from a Meta checkpoint directory (model.checkpoint_dir)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from a checkpoint or run directory; without a value, the latest complete checkpoint "
+        "under --out",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe plus the flags (flags are applied after ``--set``).
+
+    Args:
+        args: parsed arguments.
+
+    Returns:
+        The validated config.
+    """
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("preset", "model.preset"),
+        ("out", "run.out_dir"),
+        ("max_steps", "run.max_steps"),
+        ("data", "data.path"),
+        ("checkpoint_dir", "model.checkpoint_dir"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_recipe(args.recipe, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except (ValueError, TypeError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
+    import torch.distributed as dist
+
+    from wmtp_train.train import NonFiniteAbort, train
+
+    try:
+        train(config, resume=args.resume)
+    except NonFiniteAbort as exc:
+        print(f"aborted: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

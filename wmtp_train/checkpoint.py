@@ -1,0 +1,308 @@
+"""Stage 3: atomic, verified, sharded checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``<out>/checkpoints``::
+
+    step_00000120/          a complete checkpoint
+        .metadata  __*_*.distcp   (DCP files, one set per rank)
+        manifest.json       step, stage, and the size + CRC32 of every file (written last)
+    step_00000140.tmp/      a save in progress (never considered for resume)
+
+Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 checksums the files, writes
+``manifest.json`` (fsynced, via its own temp file) and renames the directory to ``step_N/``. A save
+killed at any point leaves either a ``.tmp`` directory (ignored, removed by the next save) or a complete
+checkpoint. On resume, a checkpoint whose manifest is missing or whose files differ in size or CRC32
+from it is refused with a message, and the previous complete one is used.
+
+What is saved (all ranks, keys below): ``model`` and ``optim`` (sharded, through
+``torch.distributed.checkpoint.state_dict``, so they reload under FSDP2), ``lr_scheduler``, ``sampler``,
+``trainer`` (step, stage, counters), ``extra`` (e.g. the value-head snapshot V_old) and
+``rng.rank{r}`` (torch / numpy / python generator states of rank r, restored on the same rank).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing, incomplete or corrupted)."""
+
+
+class ModelOptimizerState(Stateful):
+    """Model + optimizer as one DCP ``Stateful`` (sharded state dicts, FSDP2-aware).
+
+    Args:
+        model: the (possibly FSDP2-sharded) model.
+        optimizer: its optimizer, or None to save / load the model alone.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model": ..., "optim": ...}`` sharded state dicts."""
+        optimizers = [] if self.optimizer is None else [self.optimizer]
+        model_sd, optim_sd = get_state_dict(self.model, optimizers)
+        return {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the dicts produced by :meth:`state_dict`."""
+        optimizers = [] if self.optimizer is None else [self.optimizer]
+        set_state_dict(
+            self.model,
+            optimizers,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict.get("optim", {}),
+        )
+
+
+class RNGState(Stateful):
+    """torch, numpy and python generator states of this rank."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The three states (numpy / python pickled as objects)."""
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the states."""
+        torch.set_rng_state(state_dict["torch"])
+        np.random.set_state(state_dict["numpy"])
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"])
+
+
+def rng_key(rank: int) -> str:
+    """The checkpoint key of a rank's RNG state."""
+    return f"rng.rank{rank}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, info: dict[str, Any]) -> None:
+    """Checksum every file of ``directory`` and write ``manifest.json`` atomically.
+
+    Args:
+        directory: a directory that DCP has finished writing.
+        info: extra fields (step, stage, ...).
+    """
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[path.name] = {"size": path.stat().st_size, "crc32": _file_crc32(path)}
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({**info, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint against its manifest.
+
+    Args:
+        directory: a ``step_N`` directory.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: the manifest is missing or unreadable, or a file is missing, has another size
+            or another CRC32 (truncated or corrupted).
+    """
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST} (incomplete save)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST}: {exc}") from None
+    if ".metadata" not in files:
+        raise CheckpointError(f"{directory}: manifest lists no DCP .metadata file")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: file {name} listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(
+                f"{directory}: file {name} has {size} bytes, the manifest says "
+                f"{expected['size']} (truncated?)"
+            )
+        if _file_crc32(path) != expected["crc32"]:
+            raise CheckpointError(f"{directory}: file {name} fails its CRC32 check (corrupted)")
+    return manifest
+
+
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    """A verified checkpoint."""
+
+    path: Path
+    step: int
+    manifest: dict[str, Any]
+
+
+class CheckpointManager:
+    """Saves, prunes and finds checkpoints under one directory (collective: call on every rank).
+
+    Args:
+        root: the checkpoints directory (``<out>/checkpoints``).
+        keep: how many complete checkpoints to keep.
+        rank: this process's rank (rank 0 renames, writes manifests and prunes).
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, rank: int = 0):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+
+    def step_dir(self, step: int) -> Path:
+        """The final directory of a step's checkpoint."""
+        return self.root / f"step_{step:08d}"
+
+    def complete_steps(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every ``step_N`` directory (not yet verified), newest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+        return sorted(found, reverse=True)
+
+    def save(self, step: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
+        """Write a checkpoint atomically (collective).
+
+        Args:
+            step: the global optimizer step it follows.
+            state: DCP state dict (``Stateful`` values allowed).
+            info: manifest fields (stage, ...).
+
+        Returns:
+            The final ``step_N`` directory.
+        """
+        final = self.step_dir(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it atomically below
+                shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+        if self.rank == 0:
+            write_manifest(tmp, {"step": step, **info})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in self.complete_steps()[self.keep :]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> FoundCheckpoint | None:
+        """The newest checkpoint that passes :func:`verify_checkpoint`; broken ones are refused with a
+        warning and skipped.
+
+        Returns:
+            The checkpoint, or None when there is none.
+        """
+        for step, path in self.complete_steps():
+            try:
+                manifest = verify_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("refusing checkpoint: %s; falling back to the previous one", exc)
+                continue
+            return FoundCheckpoint(path, step, manifest)
+        return None
+
+    def resolve(self, path: str | os.PathLike | None) -> FoundCheckpoint | None:
+        """A checkpoint to resume from: ``path`` itself if it is a ``step_N`` directory, else the latest
+        good one under ``path`` (or under this manager's root when ``path`` is None).
+
+        Args:
+            path: a checkpoint, a checkpoints directory, a run directory, or None.
+
+        Returns:
+            The verified checkpoint, or None when there is none.
+        """
+        if path is None:
+            return self.latest()
+        path = Path(path)
+        match = _STEP_DIR.match(path.name)
+        if match:
+            manifest = verify_checkpoint(path)
+            return FoundCheckpoint(path, int(match.group(1)), manifest)
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        return CheckpointManager(root, self.keep, self.rank).latest()
+
+
+def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Load a verified checkpoint into ``state`` in place (collective).
+
+    Args:
+        path: the ``step_N`` directory.
+        state: the same structure that was saved (``Stateful`` values are restored through
+            ``load_state_dict``).
+    """
+    dcp.load(state, checkpoint_id=str(path))

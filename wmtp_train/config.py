@@ -1,0 +1,469 @@
+"""Typed trainer configuration: dataclasses loaded from a recipe TOML, overridable with ``--set``.
+
+A recipe file has one table per section (``[run]``, ``[model]``, ...). Every key must name a field (unknown
+keys are errors), every value must have the field's type, and each section validates its ranges and
+choices in ``__post_init__``. ``--set section.key=value`` converts ``value`` to the field's type first.
+The shipped recipes live in ``wmtp_train/recipes/*.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES = ("baseline", "verifiable", "rho1_weighted")
+WEIGHTINGS = ("uniform", "td", "rho1")
+TERMINALS = ("last_state", "last_transition")
+VALUE_LOSSES = ("mse", "huber")
+LOSS_IMPLS = ("fused", "reference")
+RHO1_SCORES = ("mean_heads", "next_token")
+
+
+def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{section}.{name} must be {bound}, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    """Where, how long, how reproducibly."""
+
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, export, metrics.jsonl, the MLflow store and config.toml."""
+    seed: int = 0
+    """Base seed; rank r seeds torch/numpy/python with ``seed + r`` (data order uses ``seed`` alone)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (stage 1 + stage 2); 0 = run every stage to the end.
+    A stopping point only: LR schedules and the curriculum keep their configured lengths, so a stopped
+    run resumes exactly where an uninterrupted one would be."""
+    log_every: int = 1
+    """Console progress line every N steps (metrics are recorded every step)."""
+    threads: int = 0
+    """torch intra-op threads per rank on CPU; 0 = cores // local world size."""
+
+    def __post_init__(self) -> None:
+        _choice("run", "device", self.device, ("auto", "cpu", "cuda"))
+        _positive("run", self, "max_steps", "threads", allow_zero=True)
+        _positive("run", self, "log_every")
+
+
+@dataclass
+class ModelConfig:
+    """Which model, from where."""
+
+    preset: str = "micro"
+    """A key of ``wmtp_train.model.PRESETS``; ignored when ``checkpoint_dir`` is set."""
+    checkpoint_dir: str = ""
+    """Start from a Meta consolidated checkpoint directory (``params.json`` + ``consolidated.pth``)."""
+    max_seq_len: int = 0
+    """Override of the preset's maximum sequence length (0 = keep)."""
+
+    def __post_init__(self) -> None:
+        from wmtp_train.model import PRESETS
+
+        if not self.checkpoint_dir:
+            _choice("model", "preset", self.preset, tuple(PRESETS))
+        _positive("model", self, "max_seq_len", allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    path: str = ""
+    """JSONL file of records; empty = the HumanEval-verified default set (built and cached on first use)."""
+    heldout_path: str = ""
+    """JSONL file for held-out evaluation; empty = the default set's held-out split when ``path`` is empty,
+    else none."""
+    max_len: int = 512
+    """Maximum tokens per sample (truncation policy in ``wmtp_train.data.dataset``)."""
+    padding_side: str = "right"
+    """``right`` or ``left``."""
+    on_error: str = "raise"
+    """Invalid JSONL lines: ``raise`` (error with file:line) or ``skip`` (counted and logged)."""
+    eval_batches: int = 8
+    """Batches (per rank) used to measure explained variance on train and held-out data at stage ends."""
+
+    def __post_init__(self) -> None:
+        _choice("data", "padding_side", self.padding_side, ("right", "left"))
+        _choice("data", "on_error", self.on_error, ("raise", "skip"))
+        if self.max_len < 4:
+            raise ValueError(f"data.max_len must be >= 4, got {self.max_len}")
+        _positive("data", self, "eval_batches", allow_zero=True)
+
+
+@dataclass
+class ParallelConfig:
+    """Stage 0: process group and FSDP2."""
+
+    fsdp: bool = True
+    """Shard with FSDP2 ``fully_shard`` (per block, then head + value head, then root)."""
+    mixed_precision: str = "auto"
+    """``auto``: bf16 parameters with fp32 gradient reduction on CUDA, full fp32 on CPU; ``bf16``; ``none``.
+    """
+
+    def __post_init__(self) -> None:
+        _choice("parallel", "mixed_precision", self.mixed_precision, ("auto", "bf16", "none"))
+
+
+@dataclass
+class Stage1Config:
+    """Critic pre-training on ``trunk_forward`` (value head regression onto the reward)."""
+
+    enabled: bool = False
+    """Run stage 1 before stage 2."""
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Samples per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to ``lr * min_lr_ratio``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = none)."""
+    value_loss: str = "mse"
+    """``mse`` or ``huber``."""
+    huber_delta: float = 1.0
+    """Huber transition point."""
+    unfreeze_trunk: bool = False
+    """Also train the embedding and trunk blocks (default: only the value head moves)."""
+
+    def __post_init__(self) -> None:
+        _positive("stage1", self, "steps", "micro_batch_size", "grad_accum", "lr", "huber_delta")
+        _positive("stage1", self, "warmup_steps", "weight_decay", "max_grad_norm", allow_zero=True)
+        _choice("stage1", "value_loss", self.value_loss, VALUE_LOSSES)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"stage1.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class Stage2Config:
+    """Weighted MTP training."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Samples per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to ``lr * min_lr_ratio``."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms, biases and embeddings are not decayed)."""
+    max_grad_norm: float = 0.5
+    """Gradient clipping (0 = none)."""
+    weighting: str = "uniform"
+    """Token weights: ``uniform``, ``td`` (critic TD errors, in-kernel) or ``rho1`` (excess loss)."""
+    value_coef: float = 0.5
+    """Weight of the clipped value loss in the total loss (0 = the critic is not trained in stage 2)."""
+    clip_range: float = 0.2
+    """PPO-style value clipping around V_old (0 = no clipping)."""
+    value_loss: str = "mse"
+    """``mse`` or ``huber``."""
+    huber_delta: float = 1.0
+    """Huber transition point."""
+    value_snapshot_every: int = 10
+    """V_old is a frozen copy of the value head refreshed every N optimizer steps."""
+    loss_impl: str = "fused"
+    """``fused`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``reference`` (plain PyTorch)."""
+
+    def __post_init__(self) -> None:
+        _positive("stage2", self, "steps", "micro_batch_size", "grad_accum", "lr", "huber_delta")
+        _positive("stage2", self, "value_snapshot_every")
+        _positive(
+            "stage2",
+            self,
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "value_coef",
+            "clip_range",
+            allow_zero=True,
+        )
+        _choice("stage2", "weighting", self.weighting, WEIGHTINGS)
+        _choice("stage2", "value_loss", self.value_loss, VALUE_LOSSES)
+        _choice("stage2", "loss_impl", self.loss_impl, LOSS_IMPLS)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"stage2.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TDConfig:
+    """TD-error token weights (SPEC §2): w = clamp(exp(td / beta), min_weight, max_weight)."""
+
+    gamma: float = 1.0
+    """Discount."""
+    beta: float = 0.9
+    """Temperature."""
+    min_weight: float = 0.1
+    """Lower clip."""
+    max_weight: float = 5.0
+    """Upper clip."""
+    terminal: str = "last_state"
+    """``last_state`` or ``last_transition`` (SPEC §2)."""
+
+    def __post_init__(self) -> None:
+        _positive("td", self, "beta", "max_weight")
+        _positive("td", self, "min_weight", allow_zero=True)
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"td.gamma must be in [0, 1], got {self.gamma}")
+        if self.min_weight > self.max_weight:
+            raise ValueError(
+                f"td.min_weight ({self.min_weight}) must be <= td.max_weight ({self.max_weight})"
+            )
+        _choice("td", "terminal", self.terminal, TERMINALS)
+
+
+@dataclass
+class Rho1Config:
+    """Rho-1 token selection by excess loss against a frozen reference model."""
+
+    reference_checkpoint: str = ""
+    """Meta checkpoint directory of the reference model; empty = the run's initial weights."""
+    top_k: float = 0.6
+    """Fraction of the micro-batch's trained tokens selected (highest excess loss)."""
+    score: str = "mean_heads"
+    """Per-token score of token j+1: ``mean_heads`` (mean excess CE over the heads predicting it) or
+    ``next_token`` (head 1 only)."""
+    unselected_weight: float = 0.0
+    """Weight of the tokens not selected: 0 = Rho-1's hard selection (weights 1/0); a value in (0, 1) is
+    the soft variant (unselected tokens still contribute, down-weighted)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= 1:
+            raise ValueError(f"rho1.top_k must be in (0, 1], got {self.top_k}")
+        _choice("rho1", "score", self.score, RHO1_SCORES)
+        if not 0 <= self.unselected_weight <= 1:
+            raise ValueError(f"rho1.unselected_weight must be in [0, 1], got {self.unselected_weight}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Stage 3: sharded checkpoints (torch.distributed.checkpoint) and the final export."""
+
+    every: int = 100
+    """Save every N optimizer steps (and always at the end; 0 = only at the end)."""
+    keep: int = 2
+    """Keep the last K complete checkpoints."""
+    export: bool = True
+    """Write a consolidated Meta-format export to ``<out>/export`` at the end."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", self, "every", allow_zero=True)
+        _positive("checkpoint", self, "keep")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow (rank 0 only) and the local metrics file."""
+
+    enabled: bool = True
+    """Log to MLflow (metrics.jsonl under the run directory is always written)."""
+    tracking_uri: str = ""
+    """Empty = ``MLFLOW_TRACKING_URI`` if set, else the embedded store ``sqlite:///<out>/mlflow.db``."""
+    experiment: str = "wmtp"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name (empty = the recipe name)."""
+    log_artifacts: bool = True
+    """Upload the final export (or checkpoint) as a run artifact."""
+
+
+@dataclass
+class NumericsConfig:
+    """Non-finite losses and gradients."""
+
+    max_consecutive_skips: int = 5
+    """A non-finite loss or gradient norm skips the step; abort after this many in a row."""
+    inject_nan_steps: str = ""
+    """Debug: comma-separated global steps whose loss is replaced by NaN (tests the skip path)."""
+
+    def __post_init__(self) -> None:
+        _positive("numerics", self, "max_consecutive_skips")
+        self.nan_steps()
+
+    def nan_steps(self) -> frozenset[int]:
+        """The parsed ``inject_nan_steps``."""
+        try:
+            return frozenset(int(s) for s in self.inject_nan_steps.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(
+                f"numerics.inject_nan_steps must be comma-separated ints, got {self.inject_nan_steps!r}"
+            ) from None
+
+
+@dataclass
+class TrainConfig:
+    """The whole resolved configuration of a run."""
+
+    recipe: str = "baseline"
+    """Recipe name (informational; set from the recipe file)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    td: TDConfig = field(default_factory=TDConfig)
+    rho1: Rho1Config = field(default_factory=Rho1Config)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (TOML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for MLflow params."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text (loadable by :func:`load_config_file`)."""
+        lines = [f"recipe = {_toml_value(self.recipe)}"]
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                lines.append(f"\n[{key}]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "recipe"}
+
+
+def _convert(where: str, value: Any, kind: type) -> Any:
+    """Check (TOML) or convert (``--set`` strings) ``value`` to ``kind``."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{where}: expected a bool (true/false), got {value!r}")
+            return text.lower() in ("true", "1", "yes")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_config(tables: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Build a validated config from parsed TOML tables plus ``section.key=value`` overrides.
+
+    Args:
+        tables: ``{"recipe": name, "section": {"key": value}}`` (as parsed from a recipe file).
+        overrides: ``--set`` strings, applied in order after the file.
+
+    Returns:
+        The config.
+    """
+    sections = _section_types()
+    raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    recipe = TrainConfig.recipe
+    for key, value in tables.items():
+        if key == "recipe":
+            recipe = _convert("recipe", value, str)
+        elif key not in sections:
+            raise ValueError(f"unknown config section {key!r}; sections are {sorted(sections)}")
+        elif not isinstance(value, dict):
+            raise TypeError(f"config section {key!r} must be a table, got {type(value).__name__}")
+        else:
+            raw[key].update(value)
+    for item in overrides or []:
+        path, sep, value = item.partition("=")
+        section, dot, name = path.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        if section not in sections:
+            raise ValueError(f"--set {item!r}: unknown section {section!r}; sections are {sorted(sections)}")
+        raw[section][name] = value
+    built = {}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(raw[section]) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in [{section}]; known keys are {sorted(hints)}")
+        values = {k: _convert(f"{section}.{k}", v, hints[k]) for k, v in raw[section].items()}
+        built[section] = cls(**values)
+    return TrainConfig(recipe=recipe, **built)
+
+
+def load_config_file(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a recipe TOML file.
+
+    Args:
+        path: the file.
+        overrides: ``--set`` strings.
+
+    Returns:
+        The validated config.
+    """
+    with open(path, "rb") as f:
+        tables = tomllib.load(f)
+    return build_config(tables, overrides)
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a shipped recipe (``wmtp_train/recipes/<name>.toml``) by name, or a TOML file by path.
+
+    Args:
+        name: one of :data:`RECIPES`, or a path to a ``.toml`` file.
+        overrides: ``--set`` strings.
+
+    Returns:
+        The validated config.
+    """
+    if name.endswith(".toml"):
+        return load_config_file(name, overrides)
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes are {RECIPES} (or a path to a .toml file)")
+    return load_config_file(RECIPE_DIR / f"{name}.toml", overrides)
