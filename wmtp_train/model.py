@@ -536,19 +536,6 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
 
-def _mtp_loss_function():
-    """``wmtp_kernels.fused_weighted_mtp_loss``, imported lazily so this module imports without it.
-
-    Falls back to the reference ``weighted_mtp_loss_from_hidden`` (same signature) while the fused
-    entry point is not exported.
-    """
-    try:
-        from wmtp_kernels import fused_weighted_mtp_loss
-    except ImportError:
-        from wmtp_kernels.reference import weighted_mtp_loss_from_hidden as fused_weighted_mtp_loss
-    return fused_weighted_mtp_loss
-
-
 class MTPOutputHead(nn.Module):
     """Shared final norm + unembedding of the H heads, and the weighted MTP loss on them.
 
@@ -597,10 +584,13 @@ class MTPOutputHead(nn.Module):
         logits = self.output(normed).float() if return_logits else None
         loss = stats = None
         if labels is not None:
+            # Imported here so that building or loading a model never needs the kernels package.
+            from wmtp_kernels import fused_weighted_mtp_loss
+
             options = loss_options if loss_options is not None else LossOptions()
             if values is not None and values.dim() == 3:
                 values = values.squeeze(-1)
-            result = _mtp_loss_function()(
+            result = fused_weighted_mtp_loss(
                 normed,
                 self.output.weight,
                 labels,
