@@ -377,18 +377,23 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "recipe"}
 
 
-def _convert(where: str, value: Any, kind: type) -> Any:
-    """Check (TOML) or convert (``--set`` strings) ``value`` to ``kind``."""
-    if isinstance(value, str) and kind is not str:
-        text = value.strip()
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{where}: expected a bool (true/false), got {value!r}")
-            return text.lower() in ("true", "1", "yes")
-        try:
-            return kind(text)
-        except ValueError:
-            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+def _parse_text(where: str, text: str, kind: type) -> Any:
+    """Convert a ``--set`` value string to ``kind``."""
+    text = text.strip()
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{where}: expected a bool (true/false), got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {text!r}") from None
+
+
+def _check_type(where: str, value: Any, kind: type) -> Any:
+    """Check a value parsed from TOML against ``kind`` (ints are accepted for floats)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -408,10 +413,11 @@ def build_config(tables: dict[str, Any], overrides: list[str] | None = None) -> 
     """
     sections = _section_types()
     raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    from_text: set[tuple[str, str]] = set()
     recipe = TrainConfig.recipe
     for key, value in tables.items():
         if key == "recipe":
-            recipe = _convert("recipe", value, str)
+            recipe = _check_type("recipe", value, str)
         elif key not in sections:
             raise ValueError(f"unknown config section {key!r}; sections are {sorted(sections)}")
         elif not isinstance(value, dict):
@@ -426,13 +432,17 @@ def build_config(tables: dict[str, Any], overrides: list[str] | None = None) -> 
         if section not in sections:
             raise ValueError(f"--set {item!r}: unknown section {section!r}; sections are {sorted(sections)}")
         raw[section][name] = value
+        from_text.add((section, name))
     built = {}
     for section, cls in sections.items():
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(raw[section]) - set(hints))
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in [{section}]; known keys are {sorted(hints)}")
-        values = {k: _convert(f"{section}.{k}", v, hints[k]) for k, v in raw[section].items()}
+        values = {
+            k: (_parse_text if (section, k) in from_text else _check_type)(f"{section}.{k}", v, hints[k])
+            for k, v in raw[section].items()
+        }
         built[section] = cls(**values)
     return TrainConfig(recipe=recipe, **built)
 

@@ -28,6 +28,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-import wmtp_train.model as model_module
 from wmtp_kernels.reference import value_loss
 from wmtp_train.checkpoint import (
     CheckpointManager,
@@ -113,8 +113,9 @@ class TrainerState:
 def loss_implementation(name: str) -> Iterator[None]:
     """Route the model's MTP loss to ``fused`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``reference``.
 
-    The model resolves its loss function through ``wmtp_train.model._mtp_loss_function`` at call time;
-    this swaps that resolver for the duration of the block.
+    The model's output head looks ``wmtp_kernels.fused_weighted_mtp_loss`` up at call time; for
+    ``reference`` that attribute is swapped for ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``
+    (same signature) for the duration of the block. Used to compare the two in one run.
 
     Args:
         name: ``fused`` or ``reference``.
@@ -122,14 +123,15 @@ def loss_implementation(name: str) -> Iterator[None]:
     if name == "fused":
         yield
         return
+    import wmtp_kernels
     from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
 
-    original = model_module._mtp_loss_function
-    model_module._mtp_loss_function = lambda: weighted_mtp_loss_from_hidden
+    original = wmtp_kernels.fused_weighted_mtp_loss
+    wmtp_kernels.fused_weighted_mtp_loss = weighted_mtp_loss_from_hidden
     try:
         yield
     finally:
-        model_module._mtp_loss_function = original
+        wmtp_kernels.fused_weighted_mtp_loss = original
 
 
 def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -180,6 +182,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.sampler = None
+        self._last_saved = -1
         self.resume_from = self._find_resume(resume)
         self.tracker = self._start_tracking()
 
@@ -403,6 +406,7 @@ class Trainer:
                 "world_size": self.info.world_size,
             },
         )
+        self._last_saved = self.state.step
         self.print(f"checkpoint: {path}")
         return path
 
@@ -438,7 +442,9 @@ class Trainer:
                 f"({self.state.consecutive_skips} in a row, {self.state.skipped_steps} in total)"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule (by design)
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         if self.state.consecutive_skips >= self.config.numerics.max_consecutive_skips:
             raise NonFiniteAbort(
                 f"{self.state.consecutive_skips} consecutive steps with a non-finite loss or gradient norm "
@@ -589,11 +595,11 @@ class Trainer:
         )
         reduced = _all_reduce_sum(local, self.info.device)
         norm, ok = self._clip_and_step(cfg.max_grad_norm, math.isfinite(float(reduced[2])))
-        metrics = {
-            "mtp_loss": float(reduced[0]),
-            "value_loss": float(reduced[1]),
-            "total_loss": float(reduced[2]),
-            "explained_variance": explained_variance_from_moments(reduced[3:8]),
+        metrics = {"mtp_loss": float(reduced[0]), "total_loss": float(reduced[2])}
+        if cfg.value_coef > 0:
+            metrics["value_loss"] = float(reduced[1])
+            metrics["explained_variance"] = explained_variance_from_moments(reduced[3:8])
+        metrics |= {
             "grad_norm": norm,
             "step_skipped": float(not ok),
             "_tokens": n_tokens,
@@ -743,7 +749,9 @@ class Trainer:
                 finished = self._run_stage("stage2", cfg.stage2.steps)
                 if finished and cfg.stage2.value_coef > 0:
                     evals.update(self._evaluate_all("stage2"))
-            ckpt = self.save_checkpoint()
+            ckpt = self.ckpt.step_dir(self.state.step)
+            if self._last_saved != self.state.step:
+                ckpt = self.save_checkpoint()
             export = self.export() if cfg.checkpoint.export else None
             if cfg.tracking.log_artifacts and self.info.is_main:
                 self.tracker.log_artifacts(export or ckpt, "export" if export else "checkpoint")
