@@ -197,6 +197,51 @@ def token_weight_grads(
     return None, d_values, d_rewards
 
 
+class StoredGrads:
+    """Gradients computed in the forward pass, handed to autograd by ``backward``.
+
+    The large ones (hidden, weight, bias, logits) are released on the first backward, so that nothing
+    but autograd references them and it takes them over without a copy (SPEC §4); they are scaled in
+    place by the incoming gradient. The small ``[B, T]`` ones (token weights, values, rewards) stay, so
+    a second backward through a retained graph (e.g. ``gradcheck``) works when only they are needed.
+
+    Args:
+        large: Large gradients (or ``None`` entries).
+        small: Small gradients (or ``None`` entries).
+    """
+
+    def __init__(self, large: list[torch.Tensor | None], small: list[torch.Tensor | None]) -> None:
+        self.large: list[torch.Tensor | None] | None = large
+        self.small = small
+        self.needs_large = any(g is not None for g in large)
+        self.n_large = len(large)
+
+    def release(self, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+        """All gradients times ``grad_output`` (a scalar), large ones handed over.
+
+        Args:
+            grad_output: The incoming gradient of the scalar loss.
+
+        Returns:
+            ``large + small`` gradients.
+        """
+        if self.large is None:
+            if self.needs_large:
+                raise RuntimeError(
+                    "the fused WMTP loss computes its gradients in the forward pass and hands them over "
+                    "on the first backward; to backpropagate again, compute the loss again"
+                )
+            large = [None] * self.n_large
+        else:
+            large, self.large = self.large, None
+            if bool(grad_output != 1):
+                for g in large:
+                    if g is not None:
+                        g.mul_(grad_output.to(g.dtype))
+        small = [None if g is None else g * grad_output.to(g.dtype) for g in self.small]
+        return large + small
+
+
 def head_ce_sums(layout: RowLayout, rows: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
     """``[H]`` float64 sums of the unweighted cross-entropy of the valid rows of each head.
 

@@ -20,6 +20,7 @@ import torch
 from wmtp_kernels import _torch_path, _validation
 from wmtp_kernels._common import (
     LossOptions,
+    StoredGrads,
     check_chunk_size,
     check_same_device,
     head_ce_sums,
@@ -73,28 +74,29 @@ class _WeightedMTPCrossEntropy(torch.autograd.Function):
         weighted = ce * row_weight
         token_args = (weights, values, rewards, attention_mask, options.weighting)
         if options.reduction == "none":
-            ctx.replay = (layout, rows, ce, token_args, options, work if need_grad else None)
+            ctx.replay = (layout, rows, ce, token_args, options, need_grad)
+            ctx.work = work if need_grad else None
             loss = weighted.view(batch, seq, heads).to(logits.dtype)
             return loss, ce_sums
         token_grads = token_weight_grads(layout, rows, scale * ce, *token_args, needs=options.grad_flags[1:4])
-        ctx.grads = [work.view(logits.shape) if need_grad else None, *token_grads]
+        ctx.grads = StoredGrads([work.view(logits.shape) if need_grad else None], list(token_grads))
+        del work
         return (scale * weighted).sum().to(logits.dtype), ce_sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce_sums):
         if hasattr(ctx, "grads"):
-            grads = ctx.grads
-            del ctx.grads  # hand the buffers over without autograd copying them
-            if bool(grad_loss != 1):
-                for g in grads:
-                    if g is not None:
-                        g.mul_(grad_loss.to(g.dtype))
-            return (*grads, None, None, None, None)
-        layout, rows, ce, token_args, options, work = ctx.replay
-        del ctx.replay
+            return (*ctx.grads.release(grad_loss), None, None, None, None)
+        layout, rows, ce, token_args, options, need_grad = ctx.replay
         row_grad = grad_loss.reshape(-1).to(ce.dtype)
         grad_logits = None
-        if work is not None:
+        if need_grad:
+            work, ctx.work = ctx.work, None  # hand the buffer over: no reference may stay on ctx
+            if work is None:
+                raise RuntimeError(
+                    "the gradient buffer of weighted_mtp_cross_entropy was handed over by the first "
+                    "backward; to backpropagate again, compute the loss again"
+                )
             grad_logits = work.mul_(row_grad[:, None]).view(grad_loss.shape + work.shape[-1:])
         token_grads = token_weight_grads(
             layout, rows, row_grad * ce, *token_args, needs=options.grad_flags[1:4]

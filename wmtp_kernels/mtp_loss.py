@@ -38,6 +38,7 @@ from wmtp_kernels import _torch_path, _validation
 from wmtp_kernels._common import (
     LossOptions,
     RowWeights,
+    StoredGrads,
     check_chunk_size,
     check_same_device,
     head_ce_sums,
@@ -89,6 +90,16 @@ class _PassResult:
     grad_bias: torch.Tensor | None
 
 
+def _zero_except(n_all: int, dim: int, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An ``[n_all, dim]`` tensor whose rows outside ``rows`` are zero (the others are written later)."""
+    out = torch.empty(n_all, dim, dtype=like.dtype, device=like.device)
+    if rows.numel() < n_all:
+        skipped = torch.ones(n_all, dtype=torch.bool, device=like.device)
+        skipped[rows] = False
+        out[skipped] = 0
+    return out
+
+
 def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor):
     return F.linear(h[idx], weight, bias)
 
@@ -114,8 +125,9 @@ def _linear_pass(
     h_buf = torch.empty(width, dim, dtype=dtype, device=device)
     dh_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[0] else None
     hs_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[1] else None
-    grad_hidden = torch.zeros(n_all, dim, dtype=dtype, device=device) if need[0] else None
-    grad_weight = torch.zeros_like(weight) if need[1] else None
+    grad_hidden = _zero_except(n_all, dim, rows, hidden2d) if need[0] else None
+    # The first chunk writes the weight gradient (beta = 0), saving a zero-fill pass over [V, d].
+    grad_weight = (torch.empty_like if n_valid else torch.zeros_like)(weight) if need[1] else None
     grad_bias = torch.zeros(vocab, dtype=scale.dtype, device=device) if need[2] else None
     ce = torch.empty(n_valid, dtype=scale.dtype, device=device)
     row_weight = torch.empty_like(ce)
@@ -143,7 +155,10 @@ def _linear_pass(
             coef = None
         if need[1]:
             h_scaled = h_c if coef is None else torch.mul(h_c, coef[:, None], out=hs_buf[:c])
-            grad_weight.addmm_(logits.t(), h_scaled)
+            if start == 0:
+                torch.mm(logits.t(), h_scaled, out=grad_weight)
+            else:
+                grad_weight.addmm_(logits.t(), h_scaled)
         if need[2]:
             if coef is None:
                 grad_bias.add_(logits.sum(0, dtype=grad_bias.dtype))
@@ -193,21 +208,15 @@ class _FusedWeightedMTPLoss(torch.autograd.Function):
             layout, rows, scale * result.ce, *token_args, needs=options.grad_flags[3:6]
         )
         grad_bias = None if result.grad_bias is None else result.grad_bias.to(bias.dtype)
-        ctx.grads = [result.grad_hidden, result.grad_weight, grad_bias, *token_grads]
-        if result.grad_hidden is not None:
-            ctx.grads[0] = result.grad_hidden.view(hidden.shape)
+        grad_hidden = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
+        ctx.grads = StoredGrads([grad_hidden, result.grad_weight, grad_bias], list(token_grads))
+        del result, grad_hidden, grad_bias
         return (scale * weighted).sum().to(hidden.dtype), ce_sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce_sums):
         if hasattr(ctx, "grads"):
-            grads = ctx.grads
-            del ctx.grads  # the only other reference: autograd can take them over without a copy
-            if bool(grad_loss != 1):
-                for g in grads:
-                    if g is not None:
-                        g.mul_(grad_loss.to(g.dtype))
-            return (*grads, None, None, None)
+            return (*ctx.grads.release(grad_loss), None, None, None)
         return (*_replay_none_backward(ctx, grad_loss), None, None, None)
 
 
@@ -215,7 +224,6 @@ def _replay_none_backward(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | N
     """Backward of ``reduction="none"``: rerun the chunk loop with the per-row incoming gradient."""
     hidden, weight, bias = ctx.saved_tensors
     layout, rows, targets, forward_result, token_args, options, chunk_rows = ctx.replay
-    del ctx.replay
     dim = hidden.shape[-1]
     row_grad = grad_loss.reshape(-1)[rows].to(forward_result.ce.dtype)
     flags = options.grad_flags
