@@ -1,0 +1,264 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from decoding_models import single_thread, tiny_decoder
+
+from wmtp_kernels.reference import build_weights, compute_td_errors, explained_variance
+from wmtp_train import evaluate
+from wmtp_train.checkpoint_meta import export_meta_checkpoint
+from wmtp_train.eval_metrics import mean_pass_at_k, pass_at_k, roc_auc
+from wmtp_train.generation import Generation
+from wmtp_train.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def critic_model():
+    model = tiny_decoder(seed=5)
+    torch.nn.init.normal_(model.value_head.proj.weight, std=2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, critic_model):
+    run = tmp_path_factory.mktemp("run")
+    export_meta_checkpoint(critic_model, run / "export")
+    return run
+
+
+# --------------------------------------------------------------------------------------------- pass@k
+
+
+def test_pass_at_k_hand_cases():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(10, 3, 10) == 1.0
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(20, 0, 10) == 0.0
+    assert pass_at_k(20, 5, 10) == pytest.approx(1 - math.comb(15, 10) / math.comb(20, 10), rel=1e-12)
+    assert pass_at_k(1, 1, 1) == 1.0
+
+
+def test_pass_at_k_matches_binomials_everywhere():
+    for n in range(1, 16):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    # Large n where the binomials overflow floats: still finite and in [0, 1].
+    assert 0 < pass_at_k(2000, 3, 100) < 1
+
+
+def test_mean_pass_at_k_and_errors():
+    assert mean_pass_at_k([(5, 2), (5, 0), (5, 5)], 1) == pytest.approx((0.4 + 0 + 1) / 3)
+    assert math.isnan(mean_pass_at_k([], 1))
+    for n, c, k in [(0, 0, 1), (5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+    with pytest.raises(TypeError):
+        pass_at_k(5.0, 2, 1)
+
+
+# ------------------------------------------------------------------------------------------------ AUC
+
+
+def brute_force_auc(scores, labels) -> float:
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auc_hand_cases():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([0.1, 0.2, 0.3], [0, 1, 1]) == 1.0
+    assert roc_auc([0.3, 0.2, 0.1], [0, 1, 1]) == 0.0
+    assert roc_auc([0.5, 0.5], [1, 0]) == 0.5  # a tie counts one half
+    assert roc_auc([0.5, 0.5, 0.9, 0.1], [1, 0, 1, 0]) == pytest.approx(0.875)  # (1 + 0.5 + 1 + 1) / 4
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_auc_matches_pairwise_count_with_many_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 5, size=30).astype(float)
+        labels = rng.random(30) < 0.4
+        if labels.all() or not labels.any():
+            continue
+        assert roc_auc(scores, labels) == pytest.approx(brute_force_auc(scores, labels), abs=1e-12)
+
+
+def test_auc_bad_input():
+    with pytest.raises(ValueError, match="equal length"):
+        roc_auc([0.1, 0.2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        roc_auc([0.1, float("nan")], [1, 0])
+
+
+# -------------------------------------------------------------------------------------------- sandbox
+
+
+def test_sandbox_scores_canonical_passed_and_broken_failed():
+    problem = evaluate.humaneval_problems(limit=1)[0]
+    options = evaluate.HumanEvalOptions(timeout_s=20.0, workers=2)
+    completions = [[problem["canonical_solution"], "    return None\n"]]
+    [[good, bad]] = evaluate.score_completions([problem], completions, options)
+    assert good.passed, good.stderr_tail
+    assert not bad.passed and not bad.timed_out
+    assert "AssertionError" in bad.stderr_tail
+
+
+def test_pipeline_aggregates_sandbox_results(monkeypatch, tmp_path, critic_model):
+    """With generation replaced by known completions, pass@k follows the sandbox's verdicts."""
+    problems = evaluate.humaneval_problems(limit=2)
+    texts = {
+        problems[0]["task_id"]: [problems[0]["canonical_solution"], "    return None\n"],
+        problems[1]["task_id"]: ["    raise ValueError\n", "    return None\n"],
+    }
+
+    def fake_generate(model, tokenizer, problems, options):
+        gens = [[Generation([], t, "stop") for t in texts[p["task_id"]]] for p in problems]
+        return gens, [False] * len(problems), evaluate.DecodeStats()
+
+    monkeypatch.setattr(evaluate, "generate_completions", fake_generate)
+    options = evaluate.HumanEvalOptions(samples=2, temperature=1.0, k=(1, 2, 10), timeout_s=20.0)
+    metrics = evaluate.evaluate_humaneval(critic_model, ByteTokenizer(), options, tmp_path, problems)
+    assert metrics["pass@1"] == pytest.approx((pass_at_k(2, 1, 1) + 0) / 2)
+    assert metrics["pass@2"] == pytest.approx(0.5)
+    assert "pass@10" not in metrics  # needs 10 samples
+    records = [json.loads(line) for line in (tmp_path / "humaneval_records.jsonl").read_text().splitlines()]
+    assert [r["passed"] for r in records] == [1, 0]
+    assert [s["passed"] for s in records[0]["samples"]] == [True, False]
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_resolve_checkpoint(run_dir, tmp_path):
+    assert evaluate.resolve_checkpoint(run_dir) == run_dir / "export"
+    assert evaluate.resolve_checkpoint(run_dir / "export") == run_dir / "export"
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        evaluate.resolve_checkpoint(tmp_path)
+
+
+def test_encode_prompt_keeps_bos_and_tail():
+    tokenizer = ByteTokenizer()
+    ids, cut = evaluate.encode_prompt(tokenizer, "abcdef", room=4)
+    assert cut and ids == [tokenizer.bos_id, *b"def"]
+    ids, cut = evaluate.encode_prompt(tokenizer, "ab", room=4)
+    assert not cut and ids == [tokenizer.bos_id, *b"ab"]
+
+
+def test_humaneval_end_to_end_tiny_model(run_dir, tmp_path):
+    out = tmp_path / "eval"
+    code = evaluate.main(
+        ["--checkpoint", str(run_dir), "--suite", "humaneval", "--limit", "2", "--max-new-tokens", "12",
+         "--samples", "2", "--temperature", "0.8", "--k", "1,2", "--out", str(out), "--workers", "2"]
+    )  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in (out / "humaneval_records.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
+    assert all(r["n"] == 2 and len(r["samples"]) == 2 for r in records)
+    assert all(0 < s["n_tokens"] <= 12 for r in records for s in r["samples"])
+    metrics = json.loads((out / "humaneval_metrics.json").read_text())
+    expected = np.mean([pass_at_k(r["n"], r["passed"], 1) for r in records])
+    assert metrics["pass@1"] == pytest.approx(expected)
+    assert metrics["n_samples"] == 4
+    # Logged to the embedded MLflow store under the out dir.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(evaluate.EVAL_EXPERIMENT).experiment_id])
+    assert run.data.metrics["humaneval/pass_at_1"] == pytest.approx(expected)
+    assert run.data.params["samples"] == "2"
+
+
+def test_humaneval_greedy_speculative_matches_plain(run_dir, tmp_path):
+    model, tokenizer, _ = evaluate.load_for_evaluation(run_dir)
+    problems = evaluate.humaneval_problems(limit=2)
+    plain_opts = evaluate.HumanEvalOptions(max_new_tokens=10, batch_size=2)
+    fast_opts = evaluate.HumanEvalOptions(max_new_tokens=10, batch_size=2, speculative=True)
+    plain, _, _ = evaluate.generate_completions(model, tokenizer, problems, plain_opts)
+    fast, _, stats = evaluate.generate_completions(model, tokenizer, problems, fast_opts)
+    assert [[g.tokens for g in gens] for gens in fast] == [[g.tokens for g in gens] for gens in plain]
+    assert stats.forwards > 0
+
+
+def test_options_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate.HumanEvalOptions(samples=4, temperature=0.0)
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate.HumanEvalOptions(speculative=True, temperature=0.5)
+    with pytest.raises(ValueError, match="k must"):
+        evaluate.HumanEvalOptions(k=(0,))
+
+
+# --------------------------------------------------------------------------------------------- critic
+
+
+def write_records(path, n=10):
+    records = [
+        {
+            "task_id": f"T/{i}",
+            "prompt": f"def f{i}(x):\n" + "    # pad\n" * (i % 3),
+            "completion": "    return x" + " + 1" * (i % 4) + "\n",
+            "is_correct": i % 3 != 1,
+            "difficulty": 1 + i % 11,
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_critic_report_matches_per_record_computation(tmp_path, critic_model):
+    records = write_records(tmp_path / "heldout.jsonl")
+    tokenizer = ByteTokenizer()
+    options = evaluate.CriticOptions(batch_size=4)
+    metrics = evaluate.critic_report(
+        critic_model, tokenizer, tmp_path / "heldout.jsonl", options, tmp_path / "out"
+    )
+    # Reference: one unpadded record at a time.
+    last_values, labels, token_v, token_r = [], [], [], []
+    weight_by_label = {True: [], False: []}
+    with torch.no_grad():
+        for r in records:
+            prompt = [tokenizer.bos_id, *tokenizer.encode(r["prompt"])]
+            ids = prompt + tokenizer.encode(r["completion"]) + [tokenizer.eos_id]
+            v = critic_model.trunk_forward(torch.tensor([ids])).values[0, :, 0]
+            reward = torch.tensor([1.0 if r["is_correct"] else 0.0])
+            w = build_weights(compute_td_errors(v[None], reward))[0]
+            last_values.append(float(v[-1]))
+            labels.append(r["is_correct"])
+            weight_by_label[r["is_correct"]].extend(w[len(prompt) - 1 : -1].tolist())
+            token_v.append(v[len(prompt) :])
+            token_r.append(reward.expand(len(ids) - len(prompt)))
+    assert metrics["n_records"] == len(records)
+    assert metrics["auc_last_value"] == pytest.approx(roc_auc(last_values, labels))
+    assert metrics["explained_variance"] == pytest.approx(
+        explained_variance(torch.cat(token_v)[:, None], torch.cat(token_r)), abs=1e-5
+    )
+    assert metrics["mean_weight_correct"] == pytest.approx(np.mean(weight_by_label[True]), abs=1e-5)
+    assert metrics["mean_weight_incorrect"] == pytest.approx(np.mean(weight_by_label[False]), abs=1e-5)
+    lines = (tmp_path / "out" / "critic_records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["value_last"] for line in lines] == pytest.approx(last_values, abs=1e-5)
+
+
+def test_critic_cli(run_dir, tmp_path):
+    write_records(tmp_path / "heldout.jsonl", n=6)
+    out = tmp_path / "critic"
+    data = str(tmp_path / "heldout.jsonl")
+    evaluate.main(
+        ["--checkpoint", str(run_dir / "export"), "--suite", "critic", "--data", data, "--out", str(out),
+         "--no-mlflow"]
+    )  # fmt: skip
+    metrics = json.loads((out / "critic_metrics.json").read_text())
+    assert metrics["n_records"] == 6 and 0 <= metrics["auc_last_value"] <= 1
+    assert (out / "metrics.jsonl").is_file()

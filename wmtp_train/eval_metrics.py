@@ -1,0 +1,83 @@
+"""Evaluation statistics: the unbiased pass@k estimator and a rank-based ROC AUC."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem (Chen et al. 2021): ``1 - C(n - c, k) / C(n, k)``.
+
+    Computed as ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``, which never forms the binomials.
+
+    Args:
+        n: samples generated (>= 1).
+        c: samples that passed (0..n).
+        k: the k of pass@k (1..n).
+
+    Returns:
+        The probability that at least one of k samples drawn without replacement passes.
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
+    """pass@k averaged over problems.
+
+    Args:
+        counts: ``(n, c)`` per problem.
+        k: the k.
+
+    Returns:
+        The mean (NaN for no problems).
+    """
+    if not counts:
+        return math.nan
+    return float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve, from ranks (Mann-Whitney U); tied scores get their average rank.
+
+    Equals ``P(score of a positive > score of a negative) + 0.5 * P(tie)``.
+
+    Args:
+        scores: one score per example (finite).
+        labels: True for positives.
+
+    Returns:
+        The AUC in [0, 1]; NaN when either class is empty.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if s.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must be 1-D and of equal length")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="mergesort")
+    sorted_scores = s[order]
+    ranks = np.empty_like(s)
+    start = 0
+    while start < len(s):
+        end = start
+        while end + 1 < len(s) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1  # average of ranks start+1 .. end+1
+        start = end + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
