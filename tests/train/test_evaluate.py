@@ -136,6 +136,22 @@ def test_pipeline_aggregates_sandbox_results(monkeypatch, tmp_path, critic_model
     records = [json.loads(line) for line in (tmp_path / "humaneval_records.jsonl").read_text().splitlines()]
     assert [r["passed"] for r in records] == [1, 0]
     assert [s["passed"] for s in records[0]["samples"]] == [True, False]
+    splits = evaluate.problem_splits()
+    assert [r["split"] for r in records] == [splits[p["task_id"]] for p in problems]
+    for split in ("train", "heldout"):
+        mine = [pass_at_k(2, r["passed"], 2) for r in records if r["split"] == split]
+        assert metrics.get(f"pass@2/{split}") == (pytest.approx(np.mean(mine)) if mine else None)
+
+
+def test_problem_split_selection():
+    splits = evaluate.problem_splits()
+    heldout = evaluate.humaneval_problems(split="heldout")
+    train = evaluate.humaneval_problems(split="train")
+    assert {p["task_id"] for p in heldout} == {t for t, s in splits.items() if s == "heldout"}
+    assert len(heldout) + len(train) == len(evaluate.humaneval_problems()) == len(splits)
+    assert 0 < len(heldout) < len(train)
+    with pytest.raises(ValueError, match="split"):
+        evaluate.HumanEvalOptions(split="test")
 
 
 # ---------------------------------------------------------------------------------------- end to end
