@@ -204,11 +204,13 @@ def plot_curves(summaries: Sequence[RunSummary], path: str | os.PathLike) -> lis
     metrics = [m for m in dict.fromkeys(k for s in summaries for k in s.curves)]
     n = max(len(metrics), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # one colour per run in every panel
     for ax, metric in zip(axes[0], metrics):
-        for s in summaries:
+        for i, s in enumerate(summaries):
             if metric in s.curves:
                 steps, values = zip(*s.curves[metric])
-                ax.plot(steps, values, label=f"{s.name} ({s.recipe})", linewidth=1.2)
+                label = f"{s.name} ({s.recipe})"
+                ax.plot(steps, values, label=label, color=colors[i % len(colors)], linewidth=1.2)
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
