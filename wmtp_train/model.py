@@ -238,6 +238,9 @@ class LossOptions:
     """``"mean"``, ``"sum"`` or ``"none"``."""
     return_stats: bool = False
     """Also return per-head CE and TD / weight statistics."""
+    implementation: str = "fused"
+    """``"fused"`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``"reference"`` (the plain PyTorch
+    ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``, same signature; for A/B comparisons)."""
 
 
 class TrunkOutput(NamedTuple):
@@ -586,11 +589,20 @@ class MTPOutputHead(nn.Module):
         if labels is not None:
             # Imported here so that building or loading a model never needs the kernels package.
             from wmtp_kernels import fused_weighted_mtp_loss
+            from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
 
             options = loss_options if loss_options is not None else LossOptions()
+            loss_fns = {"fused": fused_weighted_mtp_loss, "reference": weighted_mtp_loss_from_hidden}
+            if options.implementation not in loss_fns:
+                raise ValueError(
+                    f"loss_options.implementation must be one of {sorted(loss_fns)}, "
+                    f"got {options.implementation!r}"
+                )
+            kwargs = dataclasses.asdict(options)
+            del kwargs["implementation"]
             if values is not None and values.dim() == 3:
                 values = values.squeeze(-1)
-            result = fused_weighted_mtp_loss(
+            result = loss_fns[options.implementation](
                 normed,
                 self.output.weight,
                 labels,
@@ -598,7 +610,7 @@ class MTPOutputHead(nn.Module):
                 weights=weights,
                 values=values,
                 rewards=rewards,
-                **dataclasses.asdict(options),
+                **kwargs,
             )
             loss, stats = result if options.return_stats else (result, None)
         return HeadOutput(normed, logits, loss, stats)

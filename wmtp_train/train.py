@@ -19,7 +19,6 @@ critic within one snapshot period. The copy is saved in checkpoints so resume is
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -107,31 +106,6 @@ class TrainerState:
         """Restore from :meth:`state_dict`."""
         for key, value in state.items():
             setattr(self, key, value)
-
-
-@contextlib.contextmanager
-def loss_implementation(name: str) -> Iterator[None]:
-    """Route the model's MTP loss to ``fused`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``reference``.
-
-    The model's output head looks ``wmtp_kernels.fused_weighted_mtp_loss`` up at call time; for
-    ``reference`` that attribute is swapped for ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``
-    (same signature) for the duration of the block. Used to compare the two in one run.
-
-    Args:
-        name: ``fused`` or ``reference``.
-    """
-    if name == "fused":
-        yield
-        return
-    import wmtp_kernels
-    from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
-
-    original = wmtp_kernels.fused_weighted_mtp_loss
-    wmtp_kernels.fused_weighted_mtp_loss = weighted_mtp_loss_from_hidden
-    try:
-        yield
-    finally:
-        wmtp_kernels.fused_weighted_mtp_loss = original
 
 
 def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -548,6 +522,7 @@ class Trainer:
             ignore_index=IGNORE_INDEX,
             reduction="sum",
             return_stats=True,
+            implementation=cfg.loss_impl,
         )
         sums = torch.zeros(3, dtype=torch.float64)  # mtp, value, total
         moments = torch.zeros(5, dtype=torch.float64)
@@ -556,15 +531,14 @@ class Trainer:
             weights = self._rho1_weights(batch) if cfg.weighting == "rho1" else None
             rewards = batch["rewards"] if cfg.weighting == "td" else None
             self._trunk_states.clear()
-            with loss_implementation(cfg.loss_impl):
-                out = self.model(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    weights=weights,
-                    rewards=rewards,
-                    loss_options=options,
-                )
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                weights=weights,
+                rewards=rewards,
+                loss_options=options,
+            )
             mtp = out.loss / max(n_pred, 1)
             total = mtp
             vl = torch.zeros((), device=mtp.device)

@@ -318,6 +318,27 @@ def test_rewards_build_td_weights_from_detached_values():
     assert model.value_head.proj.weight.grad is None  # the policy loss does not train the critic
 
 
+def test_reference_loss_implementation_matches_fused_loss_and_gradients():
+    tokens = torch.randint(0, TINY.vocab_size, (2, 8))
+    rewards = torch.tensor([1.0, 0.0])
+    results = {}
+    for implementation in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = tiny_model()
+        options = LossOptions(implementation=implementation, terminal="last_transition")
+        loss = model(tokens, rewards=rewards, loss_options=options).loss
+        loss.backward()
+        results[implementation] = (loss.detach(), model.head.output.weight.grad.clone())
+    torch.testing.assert_close(results["fused"][0], results["reference"][0])
+    torch.testing.assert_close(results["fused"][1], results["reference"][1])
+
+
+def test_unknown_loss_implementation_is_rejected():
+    tokens = torch.randint(0, TINY.vocab_size, (1, 5))
+    with pytest.raises(ValueError, match="implementation"):
+        tiny_model()(tokens, loss_options=LossOptions(implementation="cuda"))
+
+
 def test_micro_overfits_one_batch():
     model = build_model("micro")
     tokens = torch.randint(0, 256, (4, 32))
