@@ -159,6 +159,7 @@ _COLUMNS = (
     ("tokens / forward (MTP self-spec.)", "evaluation", "tokens_per_forward"),
     ("critic AUC (V last)", "evaluation", "critic/auc_last_value"),
     ("critic explained var.", "evaluation", "critic/explained_variance"),
+    ("explained var. ceiling", "evaluation", "critic/explained_variance_ceiling"),
     ("mean w (correct)", "evaluation", "critic/mean_weight_correct"),
     ("mean w (incorrect)", "evaluation", "critic/mean_weight_incorrect"),
 )

@@ -81,3 +81,41 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
         start = end + 1
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def prefix_oracle_explained_variance(records: Sequence[tuple[Sequence[int], int, float]]) -> float:
+    """Explained variance of the best critic possible on these records (a ceiling for V's).
+
+    A critic sees only the prefix ``s_t``; records that share a prefix but differ in reward (a correct
+    solution and its mutant before the mutation point) cannot be told apart there. The Bayes-optimal
+    critic on the records themselves predicts ``V*(s_t)`` = the mean reward of the records sharing
+    ``s_t``; its ``1 - Var(R - V*) / Var(R)`` over the completion tokens (the tokens the trainer's
+    explained variance counts) bounds what any critic can reach on the same records.
+
+    Args:
+        records: ``(input_ids, n_context, reward)`` per record; positions ``>= n_context`` count.
+
+    Returns:
+        The ceiling; NaN when nothing counts or the rewards have no variance.
+    """
+    totals: dict[int, list[float]] = {}  # prefix hash -> [sum of rewards, count]
+    keys_per_record = []
+    for input_ids, n_context, reward in records:
+        prefix, keys = 0, []
+        for position, token in enumerate(input_ids):
+            prefix = hash((prefix, int(token)))
+            if position >= n_context:
+                keys.append(prefix)
+                total = totals.setdefault(prefix, [0.0, 0])
+                total[0] += reward
+                total[1] += 1
+        keys_per_record.append(keys)
+    rewards = np.array(
+        [r for (_, _, r), keys in zip(records, keys_per_record) for _ in keys], dtype=np.float64
+    )
+    oracle = np.array(
+        [totals[k][0] / totals[k][1] for keys in keys_per_record for k in keys], dtype=np.float64
+    )
+    if rewards.size == 0 or rewards.var() <= 1e-12:
+        return math.nan
+    return float(1.0 - (rewards - oracle).var() / rewards.var())

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from wmtp_train.eval_metrics import mean_pass_at_k, roc_auc
+from wmtp_train.eval_metrics import mean_pass_at_k, prefix_oracle_explained_variance, roc_auc
 from wmtp_train.generation import DecodeStats, Generation, GenerationConfig, check_room, generate_ids
 from wmtp_train.model import MTPTransformer
 from wmtp_train.speculative import speculative_generate_ids
@@ -396,6 +396,8 @@ def critic_report(
 
     Metrics: ``auc_last_value`` (ROC AUC of V at each record's last token for correct vs incorrect),
     ``explained_variance`` (of the reward by V over completion tokens, as the trainer measures it),
+    ``explained_variance_ceiling`` (the same for the best critic possible on these records,
+    :func:`~wmtp_train.eval_metrics.prefix_oracle_explained_variance`),
     ``mean_weight_correct`` / ``mean_weight_incorrect`` (mean TD weight of the completion tokens of
     correct / incorrect records; token x_s gets weight w[s-1], SPEC §2), ``mean_value_correct`` /
     ``mean_value_incorrect`` (V at the last token).
@@ -418,12 +420,12 @@ def critic_report(
     if n == 0:
         raise ValueError(f"data_path: {data_path} has no records")
     device = model.tok_embeddings.weight.device
-    rows, token_values, token_rewards = [], [], []
+    rows, token_values, token_rewards, oracle_records = [], [], [], []
     weight_sums = {True: [0.0, 0], False: [0.0, 0]}  # label -> [sum of weights, token count]
     for start in range(0, n, options.batch_size):
-        batch = collate(
-            [dataset[i] for i in range(start, min(start + options.batch_size, n))], tokenizer.pad_id
-        )
+        samples = [dataset[i] for i in range(start, min(start + options.batch_size, n))]
+        oracle_records.extend((sample.input_ids, sample.n_context, sample.reward) for sample in samples)
+        batch = collate(samples, tokenizer.pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         values = model.trunk_forward(ids, mask).values.squeeze(-1).float().cpu()
         rewards, completion = batch["rewards"].float(), batch["loss_mask"].bool()
@@ -462,6 +464,7 @@ def critic_report(
         "n_correct": sum(labels),
         "auc_last_value": roc_auc(last_values, labels),
         "explained_variance": explained_variance(flat_values[:, None], torch.cat(token_rewards)),
+        "explained_variance_ceiling": prefix_oracle_explained_variance(oracle_records),
         "mean_weight_correct": _ratio(*weight_sums[True]),
         "mean_weight_incorrect": _ratio(*weight_sums[False]),
         "mean_value_correct": mean_where(True),

@@ -9,7 +9,7 @@ from decoding_models import single_thread, tiny_decoder
 from wmtp_kernels.reference import build_weights, compute_td_errors, explained_variance
 from wmtp_train import evaluate
 from wmtp_train.checkpoint_meta import export_meta_checkpoint
-from wmtp_train.eval_metrics import mean_pass_at_k, pass_at_k, roc_auc
+from wmtp_train.eval_metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
 from wmtp_train.generation import Generation
 from wmtp_train.tokenizer import ByteTokenizer
 
@@ -242,7 +242,7 @@ def test_critic_report_matches_per_record_computation(tmp_path, critic_model):
         critic_model, tokenizer, tmp_path / "heldout.jsonl", options, tmp_path / "out"
     )
     # Reference: one unpadded record at a time.
-    last_values, labels, token_v, token_r = [], [], [], []
+    last_values, labels, token_v, token_r, oracle_records = [], [], [], [], []
     weight_by_label = {True: [], False: []}
     with torch.no_grad():
         for r in records:
@@ -256,10 +256,14 @@ def test_critic_report_matches_per_record_computation(tmp_path, critic_model):
             weight_by_label[r["is_correct"]].extend(w[len(prompt) - 1 : -1].tolist())
             token_v.append(v[len(prompt) :])
             token_r.append(reward.expand(len(ids) - len(prompt)))
+            oracle_records.append((ids, len(prompt), float(reward)))
     assert metrics["n_records"] == len(records)
     assert metrics["auc_last_value"] == pytest.approx(roc_auc(last_values, labels))
     assert metrics["explained_variance"] == pytest.approx(
         explained_variance(torch.cat(token_v)[:, None], torch.cat(token_r)), abs=1e-5
+    )
+    assert metrics["explained_variance_ceiling"] == pytest.approx(
+        prefix_oracle_explained_variance(oracle_records)
     )
     assert metrics["mean_weight_correct"] == pytest.approx(np.mean(weight_by_label[True]), abs=1e-5)
     assert metrics["mean_weight_incorrect"] == pytest.approx(np.mean(weight_by_label[False]), abs=1e-5)
@@ -278,3 +282,18 @@ def test_critic_cli(run_dir, tmp_path):
     metrics = json.loads((out / "critic_metrics.json").read_text())
     assert metrics["n_records"] == 6 and 0 <= metrics["auc_last_value"] <= 1
     assert (out / "metrics.jsonl").is_file()
+
+
+def test_prefix_oracle_explained_variance_hand_computed():
+    # Shared completion prefix [2] then 3 vs 4: the shared position is 0.5 for both, the last is exact.
+    # Residuals 0.5, 0, -0.5, 0 (variance 0.125) against rewards 1, 1, 0, 0 (variance 0.25): 0.5.
+    shared = [([1, 2, 3], 1, 1.0), ([1, 2, 4], 1, 0.0)]
+    assert prefix_oracle_explained_variance(shared) == pytest.approx(0.5)
+    distinct = [([1, 5, 3], 1, 1.0), ([1, 2, 4], 1, 0.0)]
+    assert prefix_oracle_explained_variance(distinct) == pytest.approx(1.0)
+    identical = [([1, 2, 3], 1, 1.0), ([1, 2, 3], 1, 0.0)]
+    assert prefix_oracle_explained_variance(identical) == pytest.approx(0.0)
+    # The prompt (positions < n_context) does not count: with n_context 2 only the last token counts.
+    assert prefix_oracle_explained_variance([(ids, 2, r) for ids, _, r in shared]) == pytest.approx(1.0)
+    assert math.isnan(prefix_oracle_explained_variance([([1, 2], 1, 1.0), ([1, 3], 1, 1.0)]))
+    assert math.isnan(prefix_oracle_explained_variance([]))
