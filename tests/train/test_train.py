@@ -70,6 +70,20 @@ def test_stage1_unfreeze_trunk_moves_the_trunk_but_not_the_heads(data, tmp_path)
     assert not any(k.startswith(("extra_heads.", "head.", "layers.4.")) for k in changed)
 
 
+def test_stage1_critic_learns_a_learnable_reward(data, tmp_path):
+    # In the tiny data the reward is decided by one completion token ("+" or "*"), so a critic that
+    # trains on the right target explains most of the reward variance over the completion tokens.
+    overrides = {
+        "stage1.steps": 120,
+        "run.max_steps": 120,
+        "stage1.unfreeze_trunk": True,
+        "checkpoint.every": 0,
+        "data.eval_batches": 12,
+    }
+    result = Trainer(tiny_config("verifiable", tmp_path / "run", data, **overrides)).fit()
+    assert result["evals"]["stage1_train"] > 0.5
+
+
 @pytest.mark.parametrize("stop", [2, 5])
 def test_interrupted_and_resumed_run_is_bitwise_identical(stop, data, tmp_path):
     full = Trainer(tiny_config("verifiable", tmp_path / "full", data)).fit()
