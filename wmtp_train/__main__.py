@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config field (repeatable)",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="debug mode: the loss checks hidden states and values for NaN/Inf (numerics.check_finite)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
@@ -67,6 +72,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.debug:
+        overrides.append("numerics.check_finite=true")
     return load_recipe(args.recipe, overrides)
 
 

@@ -305,6 +305,9 @@ class NumericsConfig:
 
     max_consecutive_skips: int = 5
     """A non-finite loss or gradient norm skips the step; abort after this many in a row."""
+    check_finite: bool = False
+    """Debug mode (``--debug``): the loss checks the head hidden states and the values for NaN / Inf and
+    raises naming the tensor, instead of the step being skipped later for a non-finite loss."""
     inject_nan_steps: str = ""
     """Debug: comma-separated global steps whose loss is replaced by NaN (tests the skip path)."""
 

@@ -238,9 +238,15 @@ class LossOptions:
     """``"mean"``, ``"sum"`` or ``"none"``."""
     return_stats: bool = False
     """Also return per-head CE and TD / weight statistics."""
+    check_finite: bool = False
+    """Raise ``ValueError`` naming the tensor when the hidden states or values hold NaN / Inf."""
     implementation: str = "fused"
     """``"fused"`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``"reference"`` (the plain PyTorch
     ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``, same signature; for A/B comparisons)."""
+
+    def __post_init__(self) -> None:
+        if self.check_finite and self.implementation != "fused":
+            raise ValueError("LossOptions: check_finite needs implementation='fused'")
 
 
 class TrunkOutput(NamedTuple):
@@ -600,6 +606,8 @@ class MTPOutputHead(nn.Module):
                 )
             kwargs = dataclasses.asdict(options)
             del kwargs["implementation"]
+            if options.implementation == "reference":
+                del kwargs["check_finite"]  # False here (__post_init__); the reference has no such check
             if values is not None and values.dim() == 3:
                 values = values.squeeze(-1)
             result = loss_fns[options.implementation](

@@ -524,6 +524,7 @@ class Trainer:
             reduction="sum",
             return_stats=True,
             implementation=cfg.loss_impl,
+            check_finite=self.config.numerics.check_finite,
         )
         sums = torch.zeros(3, dtype=torch.float64)  # mtp, value, total
         moments = torch.zeros(5, dtype=torch.float64)

@@ -109,10 +109,14 @@ def test_cli_flags_map_onto_config(capsys):
             "3",
             "--data",
             "d.jsonl",
+            "--debug",
         ]
     )
     cfg = resolve_config(args)
     assert (cfg.run.out_dir, cfg.run.max_steps, cfg.data.path) == ("o", 3, "d.jsonl")
+    assert (
+        cfg.numerics.check_finite and not resolve_config(build_parser().parse_args([])).numerics.check_finite
+    )
     assert build_parser().parse_args(["--resume"]).resume == "latest"
     assert main(["--recipe", "baseline", "--set", "stage2.lr=5e-4", "--print-config"]) == 0
     printed = capsys.readouterr().out

@@ -129,6 +129,25 @@ def test_consecutive_nan_steps_abort_with_a_diagnostic(data, tmp_path):
         Trainer(cfg).fit()
 
 
+def test_debug_check_finite_names_the_non_finite_hidden_states(data, tmp_path):
+    def poisoned_trainer(check_finite):
+        overrides = {
+            "run.max_steps": 1,
+            "numerics.check_finite": check_finite,
+            "numerics.max_consecutive_skips": 1,
+        }
+        trainer = Trainer(tiny_config("baseline", tmp_path / str(check_finite), data, **overrides))
+        norm = trainer.model.head.norm.weight
+        with torch.no_grad():
+            (norm.to_local() if hasattr(norm, "to_local") else norm).fill_(float("nan"))
+        return trainer
+
+    with pytest.raises(ValueError, match=r"hidden \[.*\] holds \d+ non-finite"):
+        poisoned_trainer(True).fit()
+    with pytest.raises(NonFiniteAbort):  # without the check the NaN is only seen in the loss
+        poisoned_trainer(False).fit()
+
+
 def test_fused_and_reference_losses_agree(data, tmp_path):
     fused = Trainer(tiny_config("verifiable", tmp_path / "f", data, **{"run.max_steps": 5})).fit()
     ref = Trainer(
