@@ -73,6 +73,18 @@ SHARED_CASES = [
         TypeError,
         ["rewards"],
     ),
+    (
+        "rewards NaN",
+        {"values": torch.rand(B, T), "rewards": torch.tensor([1.0, float("nan")])},
+        ValueError,
+        ["rewards", "finite", "1 are NaN/Inf"],
+    ),
+    (
+        "rewards Inf",
+        {"values": torch.rand(B, T), "rewards": torch.tensor([float("inf"), 0.0])},
+        ValueError,
+        ["rewards", "finite"],
+    ),
     ("reduction", {"reduction": "average"}, ValueError, ["reduction", "average"]),
     ("terminal", {"terminal": "final"}, ValueError, ["terminal", "final"]),
     ("beta zero", {"beta": 0.0}, ValueError, ["beta"]),
@@ -169,6 +181,12 @@ def test_logits_entry_points_reject(fn, case, overrides, error, words):
         (ref.compute_td_errors, (torch.rand(B), torch.ones(B)), ValueError, ["values", "[B, T]"]),
         (ref.compute_td_errors, (torch.rand(B, T, 2), torch.ones(B)), ValueError, ["values"]),
         (ref.compute_td_errors, (torch.rand(B, T), torch.ones(B + 1)), ValueError, ["rewards", f"[{B}]"]),
+        (
+            ref.value_loss,
+            (torch.rand(B, T), torch.tensor([0.0, float("nan")])),
+            ValueError,
+            ["rewards", "finite"],
+        ),
         (
             ref.compute_td_errors,
             (torch.rand(B, T), torch.ones(B), torch.ones(B, T + 1)),
