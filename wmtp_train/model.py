@@ -245,6 +245,10 @@ class LossOptions:
     ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``, same signature; for A/B comparisons)."""
 
     def __post_init__(self) -> None:
+        if self.implementation not in ("fused", "reference"):
+            raise ValueError(
+                f"LossOptions.implementation must be 'fused' or 'reference', got {self.implementation!r}"
+            )
         if self.check_finite and self.implementation != "fused":
             raise ValueError("LossOptions: check_finite needs implementation='fused'")
 
@@ -598,19 +602,15 @@ class MTPOutputHead(nn.Module):
             from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
 
             options = loss_options if loss_options is not None else LossOptions()
-            loss_fns = {"fused": fused_weighted_mtp_loss, "reference": weighted_mtp_loss_from_hidden}
-            if options.implementation not in loss_fns:
-                raise ValueError(
-                    f"loss_options.implementation must be one of {sorted(loss_fns)}, "
-                    f"got {options.implementation!r}"
-                )
             kwargs = dataclasses.asdict(options)
-            del kwargs["implementation"]
-            if options.implementation == "reference":
-                del kwargs["check_finite"]  # False here (__post_init__); the reference has no such check
+            if kwargs.pop("implementation") == "fused":
+                loss_fn = fused_weighted_mtp_loss
+            else:
+                loss_fn = weighted_mtp_loss_from_hidden
+                del kwargs["check_finite"]  # False here (__post_init__); the reference has no such flag
             if values is not None and values.dim() == 3:
                 values = values.squeeze(-1)
-            result = loss_fns[options.implementation](
+            result = loss_fn(
                 normed,
                 self.output.weight,
                 labels,
