@@ -212,16 +212,16 @@ class Trainer:
         """Full (unsharded) initial weights: a Meta checkpoint, or a fresh init seeded by ``run.seed``.
 
         Initialising a full model (rather than sharded DTensors) makes the initial weights independent
-        of the world size, so 1-rank and N-rank runs start identical.
+        of the world size, so 1-rank and N-rank runs start identical. The seed also covers the fresh
+        value head of a Meta checkpoint: every rank must take its shard of the same initialisation.
         """
-        if checkpoint_dir:
-            from wmtp_train.checkpoint_meta import load_meta_checkpoint
-
-            model, _ = load_meta_checkpoint(checkpoint_dir, device="cpu", max_seq_len=args.max_seq_len)
-            return model.state_dict()
-        fork_devices = []
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.run.seed)
+            if checkpoint_dir:
+                from wmtp_train.checkpoint_meta import load_meta_checkpoint
+
+                model, _ = load_meta_checkpoint(checkpoint_dir, device="cpu", max_seq_len=args.max_seq_len)
+                return model.state_dict()
             return build_model(args, device="cpu").state_dict()
 
     def _materialise(self, args: ModelArgs, checkpoint_dir: str) -> MTPTransformer:

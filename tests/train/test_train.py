@@ -177,3 +177,17 @@ def test_export_loads_as_meta_checkpoint(data, tmp_path):
     )
     started = Trainer(cfg2)
     assert all(torch.equal(v, trained[k]) for k, v in full_state(started).items())
+
+
+def test_fresh_value_head_of_a_meta_checkpoint_does_not_depend_on_the_rank_seed(data, tmp_path):
+    cfg = tiny_config("baseline", tmp_path / "run", data, **{"run.max_steps": 1, "checkpoint.export": True})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    export = tmp_path / "run" / "export"
+    (export / "value_head.pth").unlink()  # a Meta release has no critic: the value head starts fresh
+    states = []
+    for rank_seed in (1, 2):  # what seed_everything(seed + rank) leaves behind on two ranks
+        torch.manual_seed(rank_seed)
+        states.append(trainer._initial_full_state(trainer.model_args, str(export)))
+    assert any(k.startswith("value_head.") for k in states[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
