@@ -90,7 +90,8 @@ def prefix_oracle_explained_variance(records: Sequence[tuple[Sequence[int], int,
     solution and its mutant before the mutation point) cannot be told apart there. The Bayes-optimal
     critic on the records themselves predicts ``V*(s_t)`` = the mean reward of the records sharing
     ``s_t``; its ``1 - Var(R - V*) / Var(R)`` over the completion tokens (the tokens the trainer's
-    explained variance counts) bounds what any critic can reach on the same records.
+    explained variance counts) bounds what any critic can reach on the same records. It is a property
+    of the whole set: on a subset fewer records share each prefix and the figure rises.
 
     Args:
         records: ``(input_ids, n_context, reward)`` per record; positions ``>= n_context`` count.
