@@ -100,23 +100,19 @@ def prefix_oracle_explained_variance(records: Sequence[tuple[Sequence[int], int,
         The ceiling; NaN when nothing counts or the rewards have no variance.
     """
     totals: dict[int, list[float]] = {}  # prefix hash -> [sum of rewards, count]
-    keys_per_record = []
+    token_keys, token_rewards = [], []
     for input_ids, n_context, reward in records:
-        prefix, keys = 0, []
+        prefix = 0
         for position, token in enumerate(input_ids):
             prefix = hash((prefix, int(token)))
             if position >= n_context:
-                keys.append(prefix)
+                token_keys.append(prefix)
+                token_rewards.append(reward)
                 total = totals.setdefault(prefix, [0.0, 0])
                 total[0] += reward
                 total[1] += 1
-        keys_per_record.append(keys)
-    rewards = np.array(
-        [r for (_, _, r), keys in zip(records, keys_per_record) for _ in keys], dtype=np.float64
-    )
-    oracle = np.array(
-        [totals[k][0] / totals[k][1] for keys in keys_per_record for k in keys], dtype=np.float64
-    )
+    rewards = np.array(token_rewards, dtype=np.float64)
+    oracle = np.array([totals[k][0] / totals[k][1] for k in token_keys], dtype=np.float64)
     if rewards.size == 0 or rewards.var() <= 1e-12:
         return math.nan
     return float(1.0 - (rewards - oracle).var() / rewards.var())
