@@ -7,8 +7,8 @@ logits, gradient in place). The reference implementations live in :mod:`wmtp_ker
 
 from wmtp_kernels.mtp_cross_entropy import weighted_mtp_cross_entropy
 from wmtp_kernels.mtp_loss import FusedWeightedMTPLoss, fused_weighted_mtp_loss
+from wmtp_kernels.options import IGNORE_INDEX, TERMINAL_MODES, WeightingOptions
 from wmtp_kernels.reference import (
-    IGNORE_INDEX,
     build_weights,
     compute_td_errors,
     compute_td_stats,
@@ -19,7 +19,9 @@ from wmtp_kernels.reference import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "TERMINAL_MODES",
     "FusedWeightedMTPLoss",
+    "WeightingOptions",
     "build_weights",
     "compute_td_errors",
     "compute_td_stats",

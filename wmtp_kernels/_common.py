@@ -12,7 +12,7 @@ import torch
 
 from wmtp_kernels import reference
 from wmtp_kernels._rows import RowLayout, TDRowInputs, gather_row_weights, td_row_inputs
-from wmtp_kernels._validation import WeightingOptions
+from wmtp_kernels.options import WeightingOptions
 
 IMPLS = ("triton", "torch")
 

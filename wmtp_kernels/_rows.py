@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from wmtp_kernels._validation import WeightingOptions
+from wmtp_kernels.options import WeightingOptions
 from wmtp_kernels.reference import head_valid_mask, last_token_index
 
 

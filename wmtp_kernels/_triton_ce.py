@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from wmtp_kernels._rows import TDRowInputs
-from wmtp_kernels._validation import WeightingOptions
+from wmtp_kernels.options import WeightingOptions
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_V = 4096

@@ -6,46 +6,13 @@ dtypes involved, so a caller never gets a silent wrong answer or an indexing err
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-TERMINAL_MODES = ("last_state", "last_transition")
+from wmtp_kernels.options import REDUCTIONS
 
 
 def _shape(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else list(t.shape)
-
-
-@dataclass(frozen=True)
-class WeightingOptions:
-    """How token weights are built from critic values (SPEC §2).
-
-    Attributes:
-        gamma: Discount of the intermediate TD errors.
-        beta: Temperature of the exponential weighting; must be positive.
-        min_weight: Lower clip of the weights.
-        max_weight: Upper clip of the weights.
-        terminal: ``"last_state"`` (td[last] = R - V[last]) or ``"last_transition"`` (textbook TD(0)).
-    """
-
-    gamma: float = 1.0
-    beta: float = 0.9
-    min_weight: float = 0.1
-    max_weight: float = 5.0
-    terminal: str = "last_state"
-
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.min_weight <= self.max_weight:
-            raise ValueError(
-                f"need 0 <= min_weight <= max_weight, got min_weight={self.min_weight}, "
-                f"max_weight={self.max_weight}"
-            )
-        if self.terminal not in TERMINAL_MODES:
-            raise ValueError(f"terminal must be one of {TERMINAL_MODES}, got {self.terminal!r}")
 
 
 def batch_and_seq(name: str, t: torch.Tensor) -> tuple[int, int]:

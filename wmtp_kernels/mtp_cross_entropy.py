@@ -31,8 +31,9 @@ from wmtp_kernels._common import (
     triton_chunk_fn,
 )
 from wmtp_kernels._rows import build_row_layout, compute_dtype, row_scale
-from wmtp_kernels._validation import WeightingOptions, check_logits_inputs
+from wmtp_kernels._validation import check_logits_inputs
 from wmtp_kernels.mtp_loss import default_chunk_rows
+from wmtp_kernels.options import WeightingOptions
 from wmtp_kernels.reference import IGNORE_INDEX
 
 

@@ -49,7 +49,8 @@ from wmtp_kernels._common import (
     triton_chunk_fn,
 )
 from wmtp_kernels._rows import build_row_layout, compute_dtype, row_scale
-from wmtp_kernels._validation import WeightingOptions, check_hidden_inputs
+from wmtp_kernels._validation import check_hidden_inputs
+from wmtp_kernels.options import WeightingOptions
 from wmtp_kernels.reference import IGNORE_INDEX
 
 # Bytes of the [C, V] logits chunk by default. CPU: 64 MiB is 512 float32 rows at V = 32000 (measured

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from wmtp_kernels._validation import (
-    WeightingOptions,
     batch_and_seq,
     check_float,
     check_hidden_inputs,
@@ -21,8 +20,7 @@ from wmtp_kernels._validation import (
     check_mask,
     check_values_rewards,
 )
-
-IGNORE_INDEX = -100
+from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

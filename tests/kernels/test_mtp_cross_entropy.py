@@ -9,7 +9,7 @@ from wmtp_kernels import reference as ref
 from wmtp_kernels import weighted_mtp_cross_entropy
 from wmtp_kernels._rows import build_row_layout, td_row_inputs, td_row_weights
 from wmtp_kernels._torch_path import weighted_ce_chunk_
-from wmtp_kernels._validation import WeightingOptions
+from wmtp_kernels.options import WeightingOptions
 
 DIFFERENTIABLE = ("logits", "weights", "values")
 
