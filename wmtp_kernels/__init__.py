@@ -9,11 +9,14 @@ from wmtp_kernels.mtp_cross_entropy import weighted_mtp_cross_entropy
 from wmtp_kernels.mtp_loss import FusedWeightedMTPLoss, fused_weighted_mtp_loss
 from wmtp_kernels.options import IGNORE_INDEX, TERMINAL_MODES, WeightingOptions
 from wmtp_kernels.reference import (
+    applied_weight_mask,
     build_weights,
     compute_td_errors,
     compute_td_stats,
     compute_weight_stats,
     explained_variance,
+    head_valid_mask,
+    last_token_index,
     value_loss,
 )
 
@@ -22,12 +25,15 @@ __all__ = [
     "TERMINAL_MODES",
     "FusedWeightedMTPLoss",
     "WeightingOptions",
+    "applied_weight_mask",
     "build_weights",
     "compute_td_errors",
     "compute_td_stats",
     "compute_weight_stats",
     "explained_variance",
     "fused_weighted_mtp_loss",
+    "head_valid_mask",
+    "last_token_index",
     "value_loss",
     "weighted_mtp_cross_entropy",
 ]
