@@ -123,7 +123,7 @@ def _write_file(path, text):
         f.write(text)
 
 
-def _unshare_and_fork(libc, user_namespace):
+def _unshare_and_fork(libc, user_namespace, status_fd):
     """New namespaces; returns in the child (PID 1 of the new PID namespace), never in this process."""
     uid, gid = os.geteuid(), os.getegid()
     flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC
@@ -136,13 +136,26 @@ def _unshare_and_fork(libc, user_namespace):
     pid = os.fork()
     if pid == 0:
         return
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):  # die of the same signal so the caller sees the same return code
-        sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    os.close(status_fd)  # only the child reports
+    _exit_like(pid)
+
+
+def _exit_like(pid):
+    """Wait for ``pid`` and end this process the same way, so the caller sees its return code."""
+    code = 125
+    try:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            os.kill(os.getpid(), sig)
+            code = 128 + sig  # a signal whose default action does not terminate
+        else:
+            code = os.waitstatus_to_exitcode(status) & 0xFF
+    finally:
+        os._exit(code)
 
 
 def _bind(libc, source, target, writable=False, devices=False):
@@ -232,12 +245,12 @@ def _drop_privileges(libc, user_namespace):
         raise OSError(f"capabilities still held after dropping them (bounding set: {held})")
 
 
-def _isolate(config):
+def _isolate(config, status_fd):
     """Enter the namespaces and the read-only root (see the module docstring); returns the layers."""
     libc = _Libc()
     user_namespace = os.geteuid() != 0
     os.umask(0o022)
-    _unshare_and_fork(libc, user_namespace)
+    _unshare_and_fork(libc, user_namespace, status_fd)
     libc("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the waiting parent is killed: so are we
     if not user_namespace:
         os.chown(config["work"], _NOBODY, _NOBODY)
@@ -346,7 +359,7 @@ def main():
     try:
         if config["cgroup_procs"]:
             _write_file(config["cgroup_procs"], str(os.getpid()))
-        layers = _isolate(config) if config["isolate"] else []
+        layers = _isolate(config, status_fd) if config["isolate"] else []
         _set_limits(config)
         if config["guard"]:
             _install_guards(private_tmp=config["isolate"])
