@@ -1,14 +1,13 @@
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
+from sandbox_utils import kernel_allows_namespaces
 
-from wmtp_train.data.sandbox import _isolation_error, _pids_cgroup_parent, run_program
+from wmtp_train.data.sandbox import _pids_cgroup_parent, run_program
 
 KERNEL_PROCESS_LIMIT = _pids_cgroup_parent() is not None or os.geteuid() != 0
-ISOLATED = _isolation_error(sys.executable) is None
 WEAK = {"namespaces": False, "accept_weak_isolation": True}  # rlimits and the Python guard only
 
 
@@ -153,7 +152,7 @@ def test_socket_use_is_blocked_by_the_guard(listener):
     assert_no_connection(server)
 
 
-@pytest.mark.skipif(not ISOLATED, reason="kernel isolation unavailable here")
+@pytest.mark.skipif(not kernel_allows_namespaces(), reason="the kernel refuses the namespaces")
 def test_network_namespace_blocks_connections_past_the_guard(listener):
     port, server = listener
     result = run_program(connect_program(port), timeout_s=10, guard=False)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sandbox_utils import kernel_allows_namespaces
 
 import wmtp_train
 from wmtp_train.data import sandbox
@@ -35,8 +36,7 @@ from wmtp_train.data.sandbox import (
     run_program,
 )
 
-ISOLATED = sandbox._isolation_error(sys.executable) is None
-pytestmark = pytest.mark.skipif(not ISOLATED, reason="kernel isolation unavailable here")
+pytestmark = pytest.mark.skipif(not kernel_allows_namespaces(), reason="the kernel refuses the namespaces")
 
 NOBODY = 65534
 SANDBOX_UID = NOBODY if os.geteuid() == 0 else os.geteuid()  # the uid programs run as
@@ -127,7 +127,7 @@ SHOCKER = (
     "    _fields_ = [('size', ctypes.c_uint), ('type', ctypes.c_int), ('data', ctypes.c_ubyte * 8)]\n"
     "handle = Handle(8, 1, (ctypes.c_ubyte * 8)(2, 0, 0, 0, 0, 0, 0, 0))  # ext4's root: inode 2\n"
     "fd = libc.open_by_handle_at(os.open('/usr', os.O_RDONLY), ctypes.byref(handle), os.O_RDONLY)\n"
-    "check(fd)\n"
+    "check(fd)\nprint('ESCAPED', os.listdir(fd), flush=True)  # the host's root: reads are out already\n"
     "os.open({file!r}.lstrip('/'), os.O_WRONLY | os.O_TRUNC, dir_fd=fd)\n"
 )
 
@@ -256,6 +256,10 @@ def assert_attack_failed(name: str, c: Canary, before: dict, stdout: str, stderr
     # A syscall refused it; not ENOENT, which would mean it missed the canary.
     assert re.match(r"\w+Error: \[Errno (?!2\])\d+\]", last_line), f"{name}: {last_line}"
     assert snapshot(c.base) == before, f"{name}: the canary changed"
+
+
+def test_isolation_is_available_where_the_kernel_allows_it():
+    assert sandbox._isolation_error(sys.executable) is None
 
 
 @pytest.mark.parametrize("name", ATTACKS)
@@ -397,6 +401,12 @@ def test_a_failed_setup_raises_instead_of_failing_the_program(monkeypatch, tmp_p
     monkeypatch.setattr(sandbox, "_RUNNER", broken)
     with pytest.raises(SandboxSetupError, match="exit status 3"):
         run_program("pass\n")
+
+
+def test_readonly_paths_may_lie_inside_exposed_ones(canary):
+    paths = [str(canary.file), "/usr/share", "/etc/localtime", str(canary.dir)]
+    result = run_program(f"print(open({str(canary.file)!r}).read(), end='')\n", readonly_paths=paths)
+    assert result.passed and result.stdout_tail == "canary\n", result.stderr_tail
 
 
 def test_missing_readonly_path_is_rejected(tmp_path):

@@ -173,8 +173,9 @@ def _expose(libc, path, new_root):
     """Make the host's ``path`` visible read-only at the same place under ``new_root``."""
     target = new_root + path
     if os.path.islink(path):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(os.readlink(path), target)
+        if not os.path.lexists(target):  # else visible already, through an exposed directory
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(path), target)
         return
     if os.path.isdir(path):
         os.makedirs(target, exist_ok=True)
