@@ -340,9 +340,7 @@ def test_home_directory_shows_only_the_path_to_the_interpreter():
     assert json.loads(result.stdout_tail) == allowed
 
 
-def test_a_normal_program_imports_the_stdlib_and_writes_its_dirs():
-    marker = f"wmtp-sandbox-private-{uuid.uuid4().hex}"
-    program = f"""
+NORMAL_PROGRAM = """
 import os
 fds = sorted(os.listdir('/proc/self/fd'))
 import bisect, collections, datetime, decimal, fractions, functools, hashlib, heapq, itertools, json
@@ -352,16 +350,21 @@ with tempfile.NamedTemporaryFile('w', delete=False) as f:
     f.write('x')
 assert os.path.dirname(f.name) == os.getcwd()
 open('here.txt', 'w').write('work')
-os.makedirs('/tmp/{marker}/d')
-open('/tmp/{marker}/d/x.txt', 'w').write('tmp')
-assert open('/tmp/{marker}/d/x.txt').read() == 'tmp' and open('here.txt').read() == 'work'
+os.makedirs('/tmp/MARKER/d')
+open('/tmp/MARKER/d/x.txt', 'w').write('tmp')
+assert open('/tmp/MARKER/d/x.txt').read() == 'tmp' and open('here.txt').read() == 'work'
 os.remove('here.txt')
 sqlite3.connect(':memory:').execute('select 1')
 print(json.dumps([len(os.urandom(8)), time.localtime().tm_year > 2000, fds]))
 """
-    result = run_program(program)
+NORMAL_OUTPUT = [8, True, ["0", "1", "2", "3"]]  # fd 3: listdir's own
+
+
+def test_a_normal_program_imports_the_stdlib_and_writes_its_dirs():
+    marker = f"wmtp-sandbox-private-{uuid.uuid4().hex}"
+    result = run_program(NORMAL_PROGRAM.replace("MARKER", marker))
     assert result.passed, result.stderr_tail
-    assert json.loads(result.stdout_tail) == [8, True, ["0", "1", "2", "3"]]  # fd 3: listdir's own
+    assert json.loads(result.stdout_tail) == NORMAL_OUTPUT
     assert not (Path(tempfile.gettempdir()) / marker).exists()  # its /tmp was private
 
 
@@ -412,6 +415,8 @@ def test_readonly_paths_may_lie_inside_exposed_ones(canary):
 def test_missing_readonly_path_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="readonly_paths"):
         run_program("pass\n", readonly_paths=[tmp_path / "missing"])
+    with pytest.raises(TypeError, match="readonly_paths"):
+        run_program("pass\n", readonly_paths=str(tmp_path))
 
 
 NON_ROOT_DRIVER = """
@@ -453,6 +458,8 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
             {"name": name, "source": attack_program(code, canaries[name]), "dir": str(canaries[name].dir)}
             for name, code in ATTACKS.items()
         ]
+        normal = NORMAL_PROGRAM.replace("MARKER", "private")
+        jobs.append({"name": "normal program", "source": normal, "dir": jobs[0]["dir"]})
         sandbox_py = Path(sandbox.__file__).resolve()
         command = reach_interpreter_as_nobody() + shlex.join(
             ["exec", "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -468,7 +475,9 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
         )
         assert done.returncode == 0, done.stderr[-3000:]
         results = [json.loads(line) for line in done.stdout.splitlines()]
-        assert [r["name"] for r in results] == list(ATTACKS)
+        assert [r["name"] for r in results] == [*ATTACKS, "normal program"]
+        normal = results.pop()["result"]
+        assert normal["passed"] and json.loads(normal["stdout_tail"]) == NORMAL_OUTPUT, normal["stderr_tail"]
         for r in results:
             name, result = r["name"], r["result"]
             assert {"user-namespace", "mount-namespace"} <= set(result["isolation"]), result

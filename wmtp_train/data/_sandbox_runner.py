@@ -83,10 +83,9 @@ _CAPABILITY_VERSION_3 = 0x20080522
 _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 _OPTIONAL_PATHS = ("/etc/localtime",)
 _DEVICES = ("null", "zero", "full", "random", "urandom")
-_DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1"}
-_DEV_LINKS["stderr"] = "/proc/self/fd/2"
-_LOCKABLE_FLAGS = ((os.ST_RDONLY, _MS_RDONLY), (os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV))
-_LOCKABLE_FLAGS += ((os.ST_NOEXEC, _MS_NOEXEC),)
+_DEV_LINKS = {"fd": "", "stdin": "/0", "stdout": "/1", "stderr": "/2"}  # to /proc/self/fd...
+_LOCKABLE_FLAGS = {os.ST_RDONLY: _MS_RDONLY, os.ST_NOSUID: _MS_NOSUID, os.ST_NODEV: _MS_NODEV}
+_LOCKABLE_FLAGS[os.ST_NOEXEC] = _MS_NOEXEC
 _NOBODY = 65534
 
 
@@ -167,7 +166,7 @@ def _bind(libc, source, target, writable=False, devices=False):
     flags |= 0 if writable else _MS_RDONLY
     # A user namespace may not clear flags the source mount has; keep them (they only restrict).
     host_flags = os.statvfs(source).f_flag
-    flags |= sum(ms for st, ms in _LOCKABLE_FLAGS if host_flags & st and not (writable and ms == _MS_RDONLY))
+    flags |= sum(ms for st, ms in _LOCKABLE_FLAGS.items() if host_flags & st)
     libc.mount(None, target, None, flags)
 
 
@@ -210,8 +209,8 @@ def _build_root(libc, config):
     for name in _DEVICES:
         open(f"{new_root}/dev/{name}", "x").close()
         _bind(libc, f"/dev/{name}", f"{new_root}/dev/{name}", devices=True)
-    for name, target in _DEV_LINKS.items():
-        os.symlink(target, f"{new_root}/dev/{name}")
+    for name, fd in _DEV_LINKS.items():
+        os.symlink("/proc/self/fd" + fd, f"{new_root}/dev/{name}")
     os.mkdir(new_root + "/proc")
     libc.mount("proc", new_root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY)
     os.makedirs(new_root + work, exist_ok=True)

@@ -341,7 +341,7 @@ def run_program(
         tail_bytes: how much of stdout/stderr to keep.
         python: the interpreter to run.
         readonly_paths: existing host files or directories the program may read (symlinks resolved);
-            they appear read-only at the same paths.
+            they appear read-only at the same paths (in the weak containment every path is the host's).
         accept_weak_isolation: run even where kernel isolation is unavailable (logged as a warning).
             None reads ``WMTP_SANDBOX_ACCEPT_WEAK_ISOLATION=1`` from the environment.
 
@@ -364,6 +364,8 @@ def run_program(
             f"need max_processes >= 1, max_file_mb >= 1, max_open_files >= 16; got {max_processes}, "
             f"{max_file_mb}, {max_open_files}"
         )
+    if isinstance(readonly_paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"readonly_paths must be a sequence of paths, got the single path {readonly_paths!r}")
     missing = [str(p) for p in readonly_paths if not os.path.exists(p)]
     if missing:
         raise ValueError(f"readonly_paths: no such file or directory: {missing}")
