@@ -21,9 +21,9 @@ uid may (world-writable directories, the user's own files when not root). The se
 through ``ctypes`` in the runner (Python 3.11 has no ``os.unshare``) and one fork (the program is PID 1
 of its namespace); binds are non-recursive and made read-only by one remount each, which works on any
 kernel since 2.6.26 (``mount_setattr``, 5.12+, is not needed). The runner checks each step and that no
-capability is left; any failure is a setup error, never a silently weaker sandbox. Cost: about 11 %
-more CPU per program than without the namespaces, mostly the fork's copy-on-write faults; throughput
-unchanged within noise (``benchmarks/bench_sandbox.py``).
+capability is left; any failure is a setup error, never a silently weaker sandbox. Cost: 9-12 % more
+CPU per program than the sandbox before this boundary, mostly the fork's copy-on-write faults;
+throughput equal within noise (``benchmarks/bench_sandbox.py``).
 
 Where the kernel refuses (no user namespaces for a non-root user, a container without
 ``CAP_SYS_ADMIN``, seccomp), ``run_program`` refuses to run the program (``SandboxUnavailableError``)
