@@ -431,13 +431,12 @@ for job in json.load(sys.stdin):
 """
 
 
-def reach_interpreter_as_nobody() -> str:
+def reach_interpreter_as_nobody(stash: Path) -> str:
     """Shell commands (run as root in a private mount namespace) letting ``nobody`` run this Python."""
     prefix = Path(sys.base_prefix).resolve()
     blocking = [p for p in prefix.parents if not os.stat(p).st_mode & stat.S_IXOTH]
     if not blocking:
         return ""
-    stash = tempfile.mkdtemp(prefix="wmtp-stash-")
     top = blocking[-1]  # the outermost directory others cannot traverse, e.g. /root
     return (
         f"mount --bind {prefix} {stash} && mount -t tmpfs -o mode=0755 tmpfs {top} && "
@@ -452,6 +451,7 @@ def reach_interpreter_as_nobody() -> str:
 )
 def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
     canaries = {name: make_canary() for name in ATTACKS}
+    stash = Path(tempfile.mkdtemp(prefix="wmtp-stash-"))  # a mount point, in the harness's namespace only
     try:
         before = {name: snapshot(c.base) for name, c in canaries.items()}
         jobs = [
@@ -461,7 +461,7 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
         normal = NORMAL_PROGRAM.replace("MARKER", "private")
         jobs.append({"name": "normal program", "source": normal, "dir": jobs[0]["dir"]})
         sandbox_py = Path(sandbox.__file__).resolve()
-        command = reach_interpreter_as_nobody() + shlex.join(
+        command = reach_interpreter_as_nobody(stash) + shlex.join(
             ["exec", "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
             + [sys.executable, "-I", "-c", NON_ROOT_DRIVER, str(sandbox_py)]
         )
@@ -484,5 +484,6 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
             stdout, stderr = result["stdout_tail"], result["stderr_tail"]
             assert_attack_failed(name, canaries[name], before[name], stdout, stderr)
     finally:
+        stash.rmdir()
         for c in canaries.values():
             shutil.rmtree(c.base, ignore_errors=True)
