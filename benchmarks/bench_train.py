@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from wmtp_train.config import load_recipe
-    from wmtp_train.train import Trainer
+    from wmtp_train.train.trainer import Trainer
 
     out = args.out or tempfile.mkdtemp(prefix="bench_train_")
     cfg = load_recipe(

@@ -71,14 +71,14 @@ class ModelConfig:
     """Which model, from where."""
 
     preset: str = "micro"
-    """A key of ``wmtp_train.model.PRESETS``; ignored when ``checkpoint_dir`` is set."""
+    """A key of ``wmtp_train.model.mtp.PRESETS``; ignored when ``checkpoint_dir`` is set."""
     checkpoint_dir: str = ""
     """Start from a Meta consolidated checkpoint directory (``params.json`` + ``consolidated.pth``)."""
     max_seq_len: int = 0
     """Override of the preset's maximum sequence length (0 = keep)."""
 
     def __post_init__(self) -> None:
-        from wmtp_train.model import PRESETS
+        from wmtp_train.model.mtp import PRESETS
 
         if not self.checkpoint_dir:
             _choice("model", "preset", self.preset, tuple(PRESETS))

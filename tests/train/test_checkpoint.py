@@ -8,7 +8,7 @@ import pytest
 import torch
 from trainer_utils import tiny_config, write_tiny_jsonl
 
-from wmtp_train.checkpoint import (
+from wmtp_train.train.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointManager,
@@ -17,8 +17,8 @@ from wmtp_train.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
-from wmtp_train.parallelize import init_distributed
-from wmtp_train.train import Trainer
+from wmtp_train.train.parallelize import init_distributed
+from wmtp_train.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")

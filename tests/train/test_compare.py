@@ -5,9 +5,9 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 from test_evaluate import write_records
 
-from wmtp_train import compare
-from wmtp_train.checkpoint_meta import export_meta_checkpoint
-from wmtp_train.tracking import default_tracking_uri
+from wmtp_train.eval import compare
+from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
+from wmtp_train.train.tracking import default_tracking_uri
 
 
 @pytest.fixture(autouse=True)

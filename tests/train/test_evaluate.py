@@ -7,11 +7,11 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 
 from wmtp_kernels.reference import build_weights, compute_td_errors, explained_variance
-from wmtp_train import evaluate
-from wmtp_train.checkpoint_meta import export_meta_checkpoint
-from wmtp_train.eval_metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
-from wmtp_train.generation import Generation
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.eval import evaluate
+from wmtp_train.eval.metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
+from wmtp_train.inference.generation import Generation
+from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
 
 
 @pytest.fixture(autouse=True)

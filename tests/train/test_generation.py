@@ -2,7 +2,8 @@ import pytest
 import torch
 from decoding_models import random_prompts, single_thread, tiny_decoder
 
-from wmtp_train.generation import (
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.inference.generation import (
     DecodeStats,
     GenerationConfig,
     cached_forward,
@@ -12,7 +13,6 @@ from wmtp_train.generation import (
     new_cache,
     select_tokens,
 )
-from wmtp_train.tokenizer import ByteTokenizer
 
 PAD = ByteTokenizer.pad_id
 

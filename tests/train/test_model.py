@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from meta_reference import apply_rotary_emb, precompute_freqs_cis
 
-from wmtp_train.model import (
+from wmtp_train.model.mtp import (
     PRESETS,
     LossOptions,
     ModelArgs,

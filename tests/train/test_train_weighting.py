@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wmtp_kernels.reference import explained_variance, weighted_mtp_cross_entropy
-from wmtp_train.weighting import (
+from wmtp_train.train.weighting import (
     ev_moments,
     excess_loss_scores,
     explained_variance_from_moments,

@@ -51,7 +51,7 @@ def tokenize_record(record: CodeRecord, tokenizer, max_len: int) -> Sample:
 
     Args:
         record: the record.
-        tokenizer: any tokenizer of ``wmtp_train.tokenizer``.
+        tokenizer: any tokenizer of ``wmtp_train.data.tokenizer``.
         max_len: the maximum number of tokens (>= 4).
 
     Returns:
@@ -99,7 +99,7 @@ class LazyJsonlDataset(torch.utils.data.Dataset):
 
         Args:
             path: the JSONL file of records.
-            tokenizer: any tokenizer of ``wmtp_train.tokenizer``.
+            tokenizer: any tokenizer of ``wmtp_train.data.tokenizer``.
             max_len: maximum tokens per sample (>= 4); longer records are truncated (module docstring).
             on_error: ``"raise"`` (error with file:line) or ``"skip"`` (count and log) for invalid lines.
             max_record_bytes: lines longer than this are invalid.

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from wmtp_train.model import MTPTransformer
+from wmtp_train.model.mtp import MTPTransformer
 
 
 @dataclass(frozen=True)

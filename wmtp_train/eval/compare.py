@@ -1,13 +1,13 @@
 """Compare training runs: evaluate each run's final export and write one markdown table plus a PNG of the
 training curves read from each run's MLflow store.
 
-``python -m wmtp_train.compare RUN_DIR... --out report.md [--limit P] [--max-new-tokens M]``
+``python -m wmtp_train.eval.compare RUN_DIR... --out report.md [--limit P] [--max-new-tokens M]``
 
 Per run (a trainer ``out_dir``): the final model is ``RUN/export`` (the trainer's consolidated export);
 HumanEval pass@1 comes from greedy decoding (self-speculative, which gives the same completions and
 also measures accepted tokens per forward) split into the problems whose solutions are in the default
 training data (``train``) and the others (``heldout``); the critic columns come from
-:func:`wmtp_train.evaluate.critic_report` on ``--critic-data`` (default: the default data's held-out
+:func:`wmtp_train.eval.evaluate.critic_report` on ``--critic-data`` (default: the default data's held-out
 split). Training curves come from the MLflow run named in ``RUN/mlflow_run_id`` in the store the trainer
 used (``sqlite:///RUN/mlflow.db`` unless ``MLFLOW_TRACKING_URI``), or from ``RUN/metrics.jsonl`` when
 the run has no MLflow id.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from wmtp_train import evaluate
+from wmtp_train.eval import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def read_training_curves(run_dir: str | os.PathLike, metrics: Sequence[str]) -> 
     if id_file.is_file() and id_file.read_text().strip():
         from mlflow.tracking import MlflowClient
 
-        from wmtp_train.tracking import default_tracking_uri
+        from wmtp_train.train.tracking import default_tracking_uri
 
         client = MlflowClient(tracking_uri=default_tracking_uri(run_dir))
         run_id = id_file.read_text().strip()
@@ -85,7 +85,7 @@ def read_training_curves(run_dir: str | os.PathLike, metrics: Sequence[str]) -> 
 
 
 def _curves_from_jsonl(run_dir: Path, metrics: Sequence[str]) -> tuple[str, dict]:
-    from wmtp_train.tracking import METRICS_FILE
+    from wmtp_train.train.tracking import METRICS_FILE
 
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -248,8 +248,10 @@ def write_report(summaries: Sequence[RunSummary], out: str | os.PathLike, settin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``python -m wmtp_train.compare``."""
-    p = argparse.ArgumentParser(prog="python -m wmtp_train.compare", description=__doc__.split("\n\n")[0])
+    """The command-line parser of ``python -m wmtp_train.eval.compare``."""
+    p = argparse.ArgumentParser(
+        prog="python -m wmtp_train.eval.compare", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("runs", nargs="+", help="training run directories (trainer out_dir, with export/)")
     p.add_argument("--out", default="report.md", help="markdown report path (the PNG goes beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N HumanEval problems only")
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m wmtp_train.compare``.
+    """Entry point of ``python -m wmtp_train.eval.compare``.
 
     Args:
         argv: arguments (default: ``sys.argv[1:]``).

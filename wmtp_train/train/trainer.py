@@ -44,7 +44,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from wmtp_kernels.reference import value_loss
-from wmtp_train.checkpoint import (
+from wmtp_train.config import TrainConfig
+from wmtp_train.model.meta_checkpoint import PARAMS_FILE
+from wmtp_train.model.mtp import LossOptions, ModelArgs, MTPTransformer, ValueHead, build_model, resolve_args
+from wmtp_train.train.checkpoint import (
     CheckpointManager,
     FoundCheckpoint,
     ModelOptimizerState,
@@ -52,18 +55,15 @@ from wmtp_train.checkpoint import (
     load_checkpoint,
     rng_key,
 )
-from wmtp_train.checkpoint_meta import PARAMS_FILE
-from wmtp_train.config import TrainConfig
-from wmtp_train.model import LossOptions, ModelArgs, MTPTransformer, ValueHead, build_model, resolve_args
-from wmtp_train.parallelize import (
+from wmtp_train.train.parallelize import (
     DistInfo,
     init_distributed,
     mixed_precision_policy,
     seed_everything,
     shard_model,
 )
-from wmtp_train.tracking import Tracker
-from wmtp_train.weighting import (
+from wmtp_train.train.tracking import Tracker
+from wmtp_train.train.weighting import (
     ev_moments,
     excess_loss_scores,
     explained_variance_from_moments,
@@ -163,7 +163,7 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _setup_data(self) -> None:
         from wmtp_train.data.dataset import LazyJsonlDataset
-        from wmtp_train.tokenizer import load_tokenizer
+        from wmtp_train.data.tokenizer import load_tokenizer
 
         cfg = self.config
         self.tokenizer = load_tokenizer(cfg.model.checkpoint_dir or None)
@@ -217,7 +217,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.run.seed)
             if checkpoint_dir:
-                from wmtp_train.checkpoint_meta import load_meta_checkpoint
+                from wmtp_train.model.meta_checkpoint import load_meta_checkpoint
 
                 model, _ = load_meta_checkpoint(checkpoint_dir, device="cpu", max_seq_len=args.max_seq_len)
                 return model.state_dict()
@@ -683,7 +683,7 @@ class Trainer:
         Returns:
             The export directory on rank 0, None elsewhere.
         """
-        from wmtp_train.checkpoint_meta import export_meta_checkpoint
+        from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
 
         full = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)

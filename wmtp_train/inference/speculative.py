@@ -7,10 +7,10 @@ that same forward: d_{i+2} is accepted when every earlier draft was and ``g_i ==
 accepted drafts the row emits ``d_2 .. d_{a+1}, g_a`` (a + 1 tokens), the extra heads at position a
 propose the next drafts, and the cache slots of the rejected drafts are dropped. Every emitted token is
 the next-token head's argmax given exactly the committed prefix, so the output is the one plain greedy
-decoding (:func:`wmtp_train.generation.generate_ids`) produces, up to floating-point ties.
+decoding (:func:`wmtp_train.inference.generation.generate_ids`) produces, up to floating-point ties.
 
 Rows of a batch accept different numbers of drafts; their rejected slots become masked holes in the
-shared cache (see :class:`wmtp_train.generation.KVCache`), so the batch stays rectangular.
+shared cache (see :class:`wmtp_train.inference.generation.KVCache`), so the batch stays rectangular.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from wmtp_train.generation import (
+from wmtp_train.inference.generation import (
     DecodeStats,
     Generation,
     GenerationConfig,
@@ -31,7 +31,7 @@ from wmtp_train.generation import (
     new_cache,
     with_eos,
 )
-from wmtp_train.model import MTPTransformer
+from wmtp_train.model.mtp import MTPTransformer
 
 
 def accepted_drafts(verified: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:

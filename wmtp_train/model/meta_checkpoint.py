@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from wmtp_train.model import ModelArgs, MTPTransformer
+from wmtp_train.model.mtp import ModelArgs, MTPTransformer
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.pth"

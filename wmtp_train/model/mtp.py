@@ -181,7 +181,7 @@ class ModelArgs:
 
 PRESETS: dict[str, ModelArgs] = {
     # ~1.5 M parameters: 4 trunk blocks + 4 head blocks, GQA 4/2, byte vocabulary (256 bytes + pad, bos,
-    # eos, one reserved id: wmtp_train.tokenizer.ByteTokenizer). Trains on a 2-core CPU.
+    # eos, one reserved id: wmtp_train.data.tokenizer.ByteTokenizer). Trains on a 2-core CPU.
     "micro": ModelArgs(
         dim=128,
         n_layers=8,
@@ -444,7 +444,7 @@ class Attention(nn.Module):
             rotary: rotary tables for the T positions.
             mask: boolean [B, 1, T, T] from :func:`attention_bias`, or None for plain causal attention.
                 With ``kv_cache``: [B, 1, T, T_cached + T] over the cached keys then the new ones.
-            kv_cache: optional decoding cache (``wmtp_train.generation``) with
+            kv_cache: optional decoding cache (``wmtp_train.inference.generation``) with
                 ``update(k, v) -> (k_all, v_all)``, [B, T, n_kv_heads, head_dim] in and
                 [B, T_cached + T, n_kv_heads, head_dim] out (rotated keys).
 

