@@ -27,10 +27,11 @@ import pytest
 import torch
 
 from wmtp_train.data.tokenizer import ByteTokenizer
-from wmtp_train.eval.evaluate import CODEX_STOP_SEQUENCES, humaneval_problems, load_for_evaluation
+from wmtp_train.eval.humaneval import CODEX_STOP_SEQUENCES, humaneval_problems
+from wmtp_train.eval.loading import load_for_evaluation
 from wmtp_train.inference.generation import DecodeStats, GenerationConfig, encode_prompts, generate_ids
 from wmtp_train.inference.speculative import speculative_generate_ids
-from wmtp_train.model.mtp import build_model
+from wmtp_train.model import build_model
 
 
 def _timed(fn, repeats: int):

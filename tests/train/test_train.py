@@ -188,6 +188,6 @@ def test_fresh_value_head_of_a_meta_checkpoint_does_not_depend_on_the_rank_seed(
     states = []
     for rank_seed in (1, 2):  # what seed_everything(seed + rank) leaves behind on two ranks
         torch.manual_seed(rank_seed)
-        states.append(trainer._initial_full_state(trainer.model_args, str(export)))
+        states.append(trainer.builder.initial_state(str(export)))
     assert any(k.startswith("value_head.") for k in states[0])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -7,10 +7,11 @@ Per run (a trainer ``out_dir``): the final model is ``RUN/export`` (the trainer'
 HumanEval pass@1 comes from greedy decoding (self-speculative, which gives the same completions and
 also measures accepted tokens per forward) split into the problems whose solutions are in the default
 training data (``train``) and the others (``heldout``); the critic columns come from
-:func:`wmtp_train.eval.evaluate.critic_report` on ``--critic-data`` (default: the default data's held-out
-split). Training curves come from the MLflow run named in ``RUN/mlflow_run_id`` in the store the trainer
-used (``sqlite:///RUN/mlflow.db`` unless ``MLFLOW_TRACKING_URI``), or from ``RUN/metrics.jsonl`` when
-the run has no MLflow id.
+:func:`wmtp_train.eval.critic.critic_report` on ``--critic-data`` (default: the default data's held-out
+split), with each run's own TD options and ``max_len`` (from its ``config.toml``). Training curves come
+from the MLflow run named in ``RUN/mlflow_run_id`` in the store the trainer used
+(``sqlite:///RUN/mlflow.db`` unless ``MLFLOW_TRACKING_URI``), or from ``RUN/metrics.jsonl`` when the run
+has no MLflow id.
 
 Outputs: ``report.md``, ``report.png`` beside it, and each run's evaluation files in
 ``<report stem>_eval/<run name>/``.
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from wmtp_train.eval import evaluate
+from wmtp_train.eval.critic import CriticOptions, critic_options, critic_report
+from wmtp_train.eval.humaneval import HumanEvalOptions, evaluate_humaneval
+from wmtp_train.eval.loading import load_for_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,8 @@ def _curves_from_jsonl(run_dir: Path, metrics: Sequence[str]) -> tuple[str, dict
 def summarize_run(
     run_dir: str | os.PathLike,
     out_dir: Path,
-    humaneval: evaluate.HumanEvalOptions | None,
-    critic: evaluate.CriticOptions | None,
+    humaneval: HumanEvalOptions | None,
+    critic: CriticOptions | None,
     critic_data: str | os.PathLike | None,
     curve_metrics: Sequence[str] = DEFAULT_CURVES,
     device: str = "cpu",
@@ -129,11 +132,11 @@ def summarize_run(
     recipe, curves = read_training_curves(run_dir, curve_metrics)
     steps = max((history[-1][0] for history in curves.values()), default=0)
     summary = RunSummary(run_dir.name, recipe, steps, {k: v[-1][1] for k, v in curves.items()}, curves)
-    model, tokenizer, _ = evaluate.load_for_evaluation(run_dir, device=device)
+    model, tokenizer, _ = load_for_evaluation(run_dir, device=device)
     if humaneval is not None:
-        summary.evaluation.update(evaluate.evaluate_humaneval(model, tokenizer, humaneval, out_dir))
+        summary.evaluation.update(evaluate_humaneval(model, tokenizer, humaneval, out_dir))
     if critic is not None:
-        report = evaluate.critic_report(model, tokenizer, critic_data, critic, out_dir)
+        report = critic_report(model, tokenizer, critic_data, critic, out_dir)
         summary.evaluation.update({f"critic/{k}": v for k, v in report.items()})
     return summary
 
@@ -280,20 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     humaneval = None
     if not args.no_humaneval:
-        humaneval = evaluate.HumanEvalOptions(
+        humaneval = HumanEvalOptions(
             max_new_tokens=args.max_new_tokens,
             limit=args.limit,
             batch_size=args.batch_size,
             speculative=True,
             workers=args.workers,
         )
-    critic, critic_data = None, args.critic_data
-    if not args.no_critic:
-        critic = evaluate.CriticOptions(limit=args.critic_limit)
-        if critic_data is None:
-            from wmtp_train.data.humaneval import ensure_default_dataset
+    critic_data = args.critic_data
+    if not args.no_critic and critic_data is None:
+        from wmtp_train.data.humaneval import ensure_default_dataset
 
-            critic_data = ensure_default_dataset().heldout_path
+        critic_data = ensure_default_dataset().heldout_path
     out = Path(args.out)
     eval_root = out.parent / f"{out.stem}_eval"
     curves = [c for c in args.curves.split(",") if c]
@@ -303,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = []
     for run in args.runs:
         log.info("evaluating %s", run)
+        critic = None if args.no_critic else critic_options(run, limit=args.critic_limit)
         summaries.append(
             summarize_run(
                 run, eval_root / Path(run).name, humaneval, critic, critic_data, curves, args.device
@@ -315,8 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.max_new_tokens} new tokens, pass@1 scored in the sandbox. Train problems are those "
             "whose canonical solution and mutants are in the default training data."
         )
-    if critic is not None:
-        settings.append(f"Critic: {summaries[0].evaluation['critic/n_records']} records of {critic_data}.")
+    if not args.no_critic:
+        settings.append(
+            f"Critic: {summaries[0].evaluation['critic/n_records']} records of {critic_data}, TD weights "
+            "with each run's own [td] options and data.max_len (its config.toml)."
+        )
     settings.append("Curves from each run's MLflow store.")
     md, png = write_report(summaries, out, " ".join(settings))
     print(md.read_text())

@@ -10,7 +10,7 @@ the next-token head's argmax given exactly the committed prefix, so the output i
 decoding (:func:`wmtp_train.inference.generation.generate_ids`) produces, up to floating-point ties.
 
 Rows of a batch accept different numbers of drafts; their rejected slots become masked holes in the
-shared cache (see :class:`wmtp_train.inference.generation.KVCache`), so the batch stays rectangular.
+shared cache (see :class:`wmtp_train.inference.kv_cache.KVCache`), so the batch stays rectangular.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from wmtp_train.inference.generation import (
     Generation,
     GenerationConfig,
     RowStopper,
-    cached_forward,
     check_room,
     encode_prompts,
     left_pad,
-    new_cache,
     with_eos,
 )
-from wmtp_train.model.mtp import MTPTransformer
+from wmtp_train.inference.kv_cache import cached_forward, new_cache
+from wmtp_train.model import MTPTransformer
 
 
 def accepted_drafts(verified: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Meta's multi-token-prediction (MTP) Llama with a value head, in plain trainable PyTorch.
 
-Layout (parameter names match Meta's consolidated checkpoints, see ``checkpoint_meta.py``):
+Layout (parameter names match Meta's consolidated checkpoints, see :mod:`wmtp_train.model.meta_checkpoint`):
 
 - ``tok_embeddings``: token embedding.
 - ``layers``: ``n_layers - n_future_tokens + 1`` Llama blocks. ``layers[:-1]`` is the shared trunk,
@@ -14,225 +14,44 @@ Layout (parameter names match Meta's consolidated checkpoints, see ``checkpoint_
 
 Head k (1..H) at position t predicts token t+k.
 
-Padding: ``attention_mask[b, t] = 1`` marks real tokens. Attention ignores padded keys and RoPE positions
-are ``cumsum(mask) - 1``, so a sequence gives the same hidden states and values on its real tokens
-whether it is left- or right-padded. Padded queries attend to themselves only (never a NaN row).
+Padding (see :mod:`wmtp_train.model.layers`): a sequence gives the same hidden states and values on its
+real tokens whether it is left- or right-padded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-VALUE_HEAD_KINDS = ("mlp", "linear")
-VALUE_OUTPUTS = ("sigmoid", "identity")
+from wmtp_kernels import IGNORE_INDEX, WeightingOptions, fused_weighted_mtp_loss
+from wmtp_train.model.args import ModelArgs, resolve_args
+from wmtp_train.model.layers import (
+    RMSNorm,
+    Rotary,
+    TransformerBlock,
+    attention_bias,
+    positions_from_mask,
+    rotary_tables,
+)
+from wmtp_train.model.value_head import ValueHead
 
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Shapes of an MTP Llama model (Meta's ``params.json`` keys plus the value head options).
-
-    Frozen: derive variants with ``dataclasses.replace``.
-    """
-
-    dim: int
-    """Model (residual stream) width d."""
-    n_layers: int
-    """Total number of transformer blocks: trunk + H head blocks (Meta's convention)."""
-    n_heads: int
-    """Attention query heads."""
-    vocab_size: int
-    """Vocabulary size V of the embedding and of the shared unembedding."""
-    n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; None means ``n_heads`` (plain multi-head)."""
-    multiple_of: int = 256
-    """The SwiGLU hidden width is rounded up to a multiple of this."""
-    ffn_dim_multiplier: float | None = None
-    """Optional scale of the SwiGLU hidden width (Llama 2 70B / Llama 3 use it)."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    rope_theta: float = 10000.0
-    """RoPE base frequency."""
-    n_future_tokens: int = 4
-    """Number of prediction heads H (1 = a plain next-token Llama)."""
-    max_seq_len: int = 4096
-    """Longest sequence accepted by the forward passes."""
-    value_head: str = "mlp"
-    """``"mlp"`` (RMSNorm, Linear(d, d), SiLU, Linear(d, 1)) or ``"linear"`` (RMSNorm, Linear(d, 1)).
-    The MLP is the default: a critic of P(success) from a shared trunk benefits from a non-linearity
-    of its own, at a cost of d² + d parameters."""
-    value_output: str = "sigmoid"
-    """``"sigmoid"`` squashes V to (0, 1), matching V ≈ P(success) with rewards in {0, 1};
-    ``"identity"`` leaves V unbounded, for rewards outside [0, 1]."""
-
-    def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "n_future_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelArgs.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
-            raise ValueError(f"ModelArgs.max_seq_len must be a positive int, got {self.max_seq_len!r}")
-        if self.dim % self.n_heads != 0:
-            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"RoPE needs an even head dim, got dim / n_heads = {self.head_dim}")
-        if self.n_kv_heads is not None and (
-            not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads
-        ):
-            raise ValueError(
-                f"ModelArgs.n_kv_heads ({self.n_kv_heads!r}) must be a positive divisor of "
-                f"n_heads ({self.n_heads})"
-            )
-        if self.n_layers < self.n_future_tokens:
-            raise ValueError(
-                f"ModelArgs.n_layers ({self.n_layers}) must be >= n_future_tokens ({self.n_future_tokens}): "
-                "each head is one block"
-            )
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ValueError(
-                f"ModelArgs.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier!r}"
-            )
-        if not self.norm_eps > 0:
-            raise ValueError(f"ModelArgs.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"ModelArgs.rope_theta must be > 0, got {self.rope_theta!r}")
-        if self.value_head not in VALUE_HEAD_KINDS:
-            raise ValueError(
-                f"ModelArgs.value_head must be one of {VALUE_HEAD_KINDS}, got {self.value_head!r}"
-            )
-        if self.value_output not in VALUE_OUTPUTS:
-            raise ValueError(
-                f"ModelArgs.value_output must be one of {VALUE_OUTPUTS}, got {self.value_output!r}"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Resolved number of key/value heads."""
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def n_trunk_layers(self) -> int:
-        """Blocks shared by all heads."""
-        return self.n_layers - self.n_future_tokens
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden width, computed exactly as Meta's Llama ``FeedForward`` does."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    @classmethod
-    def from_params_json(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
-        """Build from the dict of a Meta ``params.json`` (plus optional overrides).
-
-        Keys that are not fields (Meta's ``max_batch_size``, ``use_scaled_rope: false``) are ignored
-        only when they cannot change the model; anything else unknown is an error.
-
-        Args:
-            params: the parsed ``params.json``. ``n_future_tokens`` defaults to 1 (a plain Llama).
-            overrides: field values that replace those of ``params`` (e.g. ``vocab_size`` when the
-                file says -1, or ``value_head``).
-
-        Returns:
-            The validated arguments.
-        """
-        if not isinstance(params, dict):
-            raise TypeError(f"params must be a dict, got {type(params).__name__}")
-        merged = {"n_future_tokens": 1, **params, **overrides}
-        field_names = {f.name for f in dataclasses.fields(cls)}
-        harmless = {"max_batch_size"}
-        if merged.pop("use_scaled_rope", False):
-            raise ValueError("params.json: use_scaled_rope=true (Llama 3.1 RoPE scaling) is not supported")
-        unknown = sorted(set(merged) - field_names - harmless)
-        if unknown:
-            raise ValueError(f"params.json: unknown keys {unknown}; known keys are {sorted(field_names)}")
-        return cls(**{k: v for k, v in merged.items() if k in field_names})
-
-    def to_params_json(self) -> dict[str, Any]:
-        """The Meta ``params.json`` dict (Meta's keys only, so Meta's own loader accepts it)."""
-        meta_keys = (
-            "dim",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "vocab_size",
-            "multiple_of",
-            "ffn_dim_multiplier",
-            "norm_eps",
-            "rope_theta",
-            "n_future_tokens",
-            "max_seq_len",
-        )
-        return {k: getattr(self, k) for k in meta_keys}
-
-
-PRESETS: dict[str, ModelArgs] = {
-    # ~1.5 M parameters: 4 trunk blocks + 4 head blocks, GQA 4/2, byte vocabulary (256 bytes + pad, bos,
-    # eos, one reserved id: wmtp_train.data.tokenizer.ByteTokenizer). Trains on a 2-core CPU.
-    "micro": ModelArgs(
-        dim=128,
-        n_layers=8,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=260,
-        multiple_of=32,
-        n_future_tokens=4,
-        max_seq_len=2048,
-    ),
-    # ~70 M parameters with the Llama 2 sentencepiece vocabulary.
-    "small": ModelArgs(
-        dim=512,
-        n_layers=12,
-        n_heads=8,
-        n_kv_heads=4,
-        vocab_size=32000,
-        multiple_of=128,
-        n_future_tokens=4,
-        max_seq_len=2048,
-    ),
-    # The shapes of Meta's 7B_1T_4 release: 28 trunk blocks + 4 head blocks, FFN 11008.
-    "7b_1t_4": ModelArgs(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        vocab_size=32000,
-        multiple_of=256,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        n_future_tokens=4,
-        max_seq_len=4096,
-    ),
-}
+LOSS_IMPLEMENTATIONS = ("fused", "reference")
 
 
 @dataclass(frozen=True)
 class LossOptions:
     """Options of the weighted MTP loss, forwarded to ``wmtp_kernels.fused_weighted_mtp_loss``."""
 
-    gamma: float = 1.0
-    """TD discount."""
-    beta: float = 0.9
-    """Temperature of the exponential weights exp(td / beta)."""
-    min_weight: float = 0.1
-    """Lower clip of the weights."""
-    max_weight: float = 5.0
-    """Upper clip of the weights."""
-    terminal: str = "last_state"
-    """Terminal TD convention: ``"last_state"`` or ``"last_transition"`` (SPEC §2)."""
-    ignore_index: int = -100
+    weighting: WeightingOptions = WeightingOptions()
+    """How TD weights are built from values and rewards (used when the forward pass gets ``rewards``)."""
+    ignore_index: int = IGNORE_INDEX
     """Label value excluded from the loss (prompt tokens)."""
     reduction: str = "mean"
     """``"mean"``, ``"sum"`` or ``"none"``."""
@@ -242,15 +61,29 @@ class LossOptions:
     """Raise ``ValueError`` naming the tensor when the hidden states or values hold NaN / Inf."""
     implementation: str = "fused"
     """``"fused"`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``"reference"`` (the plain PyTorch
-    ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``, same signature; for A/B comparisons)."""
+    oracle ``wmtp_kernels.reference.weighted_mtp_loss_from_hidden``, same signature; for A/B comparisons)."""
 
     def __post_init__(self) -> None:
-        if self.implementation not in ("fused", "reference"):
+        if not isinstance(self.weighting, WeightingOptions):
+            raise TypeError(
+                f"LossOptions.weighting must be a WeightingOptions, got {type(self.weighting).__name__}"
+            )
+        if self.implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(
-                f"LossOptions.implementation must be 'fused' or 'reference', got {self.implementation!r}"
+                f"LossOptions.implementation must be one of {LOSS_IMPLEMENTATIONS}, "
+                f"got {self.implementation!r}"
             )
         if self.check_finite and self.implementation != "fused":
             raise ValueError("LossOptions: check_finite needs implementation='fused'")
+
+    def loss_function(self) -> Callable[..., Any]:
+        """The loss function this implementation names (both take the same arguments)."""
+        if self.implementation == "fused":
+            return functools.partial(fused_weighted_mtp_loss, check_finite=self.check_finite)
+        # The deliberate A/B switch: the oracle itself, never on the default path.
+        from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
+
+        return weighted_mtp_loss_from_hidden
 
 
 class TrunkOutput(NamedTuple):
@@ -268,6 +101,8 @@ class ModelOutput:
 
     values: torch.Tensor
     """[B, T, 1] value estimates V(s_t)."""
+    trunk: torch.Tensor
+    """[B, T, d] raw trunk states (the value head's input; e.g. for a lagged copy of the value head)."""
     hidden: torch.Tensor | None = None
     """[B, T, H, d] final-normed hidden states of the heads."""
     logits: torch.Tensor | None = None
@@ -289,264 +124,6 @@ class HeadOutput(NamedTuple):
     """The loss when labels were given."""
     stats: dict[str, Any] | None
     """Loss statistics when asked for."""
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as Meta's Llama does."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        """Set the gain to one."""
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise the last dimension of ``x`` (any leading shape)."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-class Rotary(NamedTuple):
-    """cos / sin of the rotary angles for given positions, [B or 1, T, 1, head_dim / 2], float32."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-
-def rope_inverse_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """Meta's ``1 / theta ** (arange(0, hd, 2)[: hd // 2] / hd)`` in float32.
-
-    Args:
-        head_dim: attention head width (even).
-        theta: RoPE base.
-        device: where to build the tensor.
-
-    Returns:
-        [head_dim // 2] float32 frequencies.
-    """
-    exponents = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
-    return 1.0 / (theta**exponents)
-
-
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> Rotary:
-    """cos / sin of ``position * frequency`` (float32, same arithmetic as Meta's ``precompute_freqs_cis``).
-
-    Computed per forward pass rather than stored, so there is no buffer to lose in ``to_empty`` or to
-    be cast to bf16 by ``model.to(dtype)``; the cost is O(B T head_dim), negligible next to attention.
-
-    Args:
-        positions: [B, T] or [T] integer positions.
-        head_dim: attention head width.
-        theta: RoPE base.
-
-    Returns:
-        The tables, shaped to broadcast over [B, T, n_heads, head_dim / 2].
-    """
-    freqs = rope_inverse_frequencies(head_dim, theta, positions.device)
-    if positions.dim() == 1:
-        positions = positions.unsqueeze(0)
-    angles = positions.float().unsqueeze(-1) * freqs  # [B, T, hd/2]
-    return Rotary(torch.cos(angles).unsqueeze(2), torch.sin(angles).unsqueeze(2))
-
-
-def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """Rotate consecutive pairs (0,1), (2,3), ... of the last dim, Meta's complex-pair convention.
-
-    Equivalent to ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * polar(1, angle))``, in real
-    arithmetic (float32) so it also runs where complex kernels are missing.
-
-    Args:
-        x: [B, T, n_heads, head_dim].
-        rotary: tables from :func:`rotary_tables`.
-
-    Returns:
-        The rotated tensor, same shape and dtype as ``x``.
-    """
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack(
-        (real * rotary.cos - imag * rotary.sin, real * rotary.sin + imag * rotary.cos), dim=-1
-    )
-    return rotated.flatten(-2).type_as(x)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Repeat KV heads for grouped-query attention: query head i reads KV head i // n_rep.
-
-    Args:
-        x: [B, T, n_kv_heads, head_dim].
-        n_rep: query heads per KV head.
-
-    Returns:
-        [B, T, n_kv_heads * n_rep, head_dim].
-    """
-    if n_rep == 1:
-        return x
-    bsz, seqlen, n_kv, head_dim = x.shape
-    return (
-        x.unsqueeze(3).expand(bsz, seqlen, n_kv, n_rep, head_dim).reshape(bsz, seqlen, n_kv * n_rep, head_dim)
-    )
-
-
-def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean SDPA mask [B, 1, T, T]: causal, padded keys excluded, every query sees itself.
-
-    Letting a padded query attend to itself keeps its softmax row non-empty (no NaN); real queries
-    never see padded keys.
-
-    Args:
-        attention_mask: [B, T], nonzero for real tokens.
-
-    Returns:
-        True where the query (row) may attend to the key (column).
-    """
-    seqlen = attention_mask.shape[1]
-    idx = torch.arange(seqlen, device=attention_mask.device)
-    causal = idx.unsqueeze(1) >= idx.unsqueeze(0)  # [T, T]
-    diagonal = idx.unsqueeze(1) == idx.unsqueeze(0)
-    real_keys = attention_mask.bool().unsqueeze(1)  # [B, 1, T]
-    return (causal & (real_keys | diagonal)).unsqueeze(1)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions ``cumsum(mask) - 1`` (clamped at 0 for left padding): [B, T] int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with RoPE and grouped KV heads (Meta's ``wq, wk, wv, wo``, no biases).
-
-    Positions come in precomputed (as rotary tables), so a KV cache can be added without touching
-    the projection code.
-    """
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.kv_heads
-        self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-
-    def forward(
-        self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None, kv_cache: Any = None
-    ) -> torch.Tensor:
-        """Attend.
-
-        Args:
-            x: [B, T, d] normed input.
-            rotary: rotary tables for the T positions.
-            mask: boolean [B, 1, T, T] from :func:`attention_bias`, or None for plain causal attention.
-                With ``kv_cache``: [B, 1, T, T_cached + T] over the cached keys then the new ones.
-            kv_cache: optional decoding cache (``wmtp_train.inference.generation``) with
-                ``update(k, v) -> (k_all, v_all)``, [B, T, n_kv_heads, head_dim] in and
-                [B, T_cached + T, n_kv_heads, head_dim] out (rotated keys).
-
-        Returns:
-            [B, T, d].
-        """
-        bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
-        )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the gated MLP to [..., d]."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm Llama block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, rotary: Rotary, mask: torch.Tensor | None, kv_cache: Any = None
-    ) -> torch.Tensor:
-        """Run the block on [B, T, d] (see :meth:`Attention.forward` for the other arguments)."""
-        h = x + self.attention(self.attention_norm(x), rotary, mask, kv_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        """Truncated-normal init; ``out_std`` for the projections that write into the residual stream."""
-        for linear in (
-            self.attention.wq,
-            self.attention.wk,
-            self.attention.wv,
-            self.feed_forward.w1,
-            self.feed_forward.w3,
-        ):
-            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
-        for linear in (self.attention.wo, self.feed_forward.w2):
-            nn.init.trunc_normal_(linear.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-
-
-class ValueHead(nn.Module):
-    """Critic V(s_t) from raw trunk states: its own RMSNorm, then an MLP or a linear map to one scalar.
-
-    The last projection starts at zero, so V starts at sigmoid(0) = 0.5 (or 0 with ``"identity"``).
-    """
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.squash = args.value_output == "sigmoid"
-        if args.value_head == "mlp":
-            self.hidden = nn.Linear(args.dim, args.dim)
-            self.proj = nn.Linear(args.dim, 1)
-        else:
-            self.hidden = None
-            self.proj = nn.Linear(args.dim, 1)
-
-    def forward(self, trunk_hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T, d] raw trunk states -> [B, T, 1] values."""
-        x = self.norm(trunk_hidden)
-        if self.hidden is not None:
-            x = F.silu(self.hidden(x))
-        v = self.proj(x)
-        return torch.sigmoid(v) if self.squash else v
-
-    def init_weights(self) -> None:
-        """Fresh init (also what a loaded Meta checkpoint gets)."""
-        self.norm.reset_parameters()
-        if self.hidden is not None:
-            std = self.hidden.in_features**-0.5
-            nn.init.trunc_normal_(self.hidden.weight, std=std, a=-3 * std, b=3 * std)
-            nn.init.zeros_(self.hidden.bias)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
 
 
 class MTPOutputHead(nn.Module):
@@ -597,20 +174,10 @@ class MTPOutputHead(nn.Module):
         logits = self.output(normed).float() if return_logits else None
         loss = stats = None
         if labels is not None:
-            # Imported here so that building or loading a model never needs the kernels package.
-            from wmtp_kernels import fused_weighted_mtp_loss
-            from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
-
             options = loss_options if loss_options is not None else LossOptions()
-            kwargs = dataclasses.asdict(options)
-            if kwargs.pop("implementation") == "fused":
-                loss_fn = fused_weighted_mtp_loss
-            else:
-                loss_fn = weighted_mtp_loss_from_hidden
-                del kwargs["check_finite"]  # False here (__post_init__); the reference has no such flag
             if values is not None and values.dim() == 3:
                 values = values.squeeze(-1)
-            result = loss_fn(
+            result = options.loss_function()(
                 normed,
                 self.output.weight,
                 labels,
@@ -618,7 +185,10 @@ class MTPOutputHead(nn.Module):
                 weights=weights,
                 values=values,
                 rewards=rewards,
-                **kwargs,
+                **dataclasses.asdict(options.weighting),
+                ignore_index=options.ignore_index,
+                reduction=options.reduction,
+                return_stats=options.return_stats,
             )
             loss, stats = result if options.return_stats else (result, None)
         return HeadOutput(normed, logits, loss, stats)
@@ -739,7 +309,7 @@ class MTPTransformer(nn.Module):
         trunk, rotary, mask = self._run_trunk(input_ids, attention_mask)
         values = self.value_head(trunk)
         head_out = self.head(self._run_heads(trunk, rotary, mask, n_heads), return_logits=return_logits)
-        return ModelOutput(values=values, hidden=head_out.hidden, logits=head_out.logits)
+        return ModelOutput(values=values, trunk=trunk, hidden=head_out.hidden, logits=head_out.logits)
 
     def forward(
         self,
@@ -767,7 +337,7 @@ class MTPTransformer(nn.Module):
 
         Returns:
             :class:`ModelOutput` with ``loss``, ``values`` [B, T, 1] (with grad, for the value loss),
-            ``hidden`` [B, T, H, d] and ``stats`` when asked.
+            ``trunk`` [B, T, d], ``hidden`` [B, T, H, d] and ``stats`` when asked.
         """
         if weights is not None and rewards is not None:
             raise ValueError("pass either weights or rewards, not both")
@@ -792,25 +362,9 @@ class MTPTransformer(nn.Module):
             rewards=rewards,
             loss_options=loss_options,
         )
-        return ModelOutput(values=values, hidden=head_out.hidden, loss=head_out.loss, stats=head_out.stats)
-
-
-def resolve_args(args_or_preset: ModelArgs | str) -> ModelArgs:
-    """A :class:`ModelArgs` from itself or a preset name.
-
-    Args:
-        args_or_preset: model arguments or a key of :data:`PRESETS`.
-
-    Returns:
-        The arguments.
-    """
-    if isinstance(args_or_preset, ModelArgs):
-        return args_or_preset
-    if isinstance(args_or_preset, str):
-        if args_or_preset not in PRESETS:
-            raise ValueError(f"unknown model preset {args_or_preset!r}; presets are {sorted(PRESETS)}")
-        return PRESETS[args_or_preset]
-    raise TypeError(f"args_or_preset must be ModelArgs or a preset name, got {type(args_or_preset).__name__}")
+        return ModelOutput(
+            values=values, trunk=trunk, hidden=head_out.hidden, loss=head_out.loss, stats=head_out.stats
+        )
 
 
 def build_model(

@@ -1,4 +1,5 @@
-"""Stage 0: process group, per-rank seeds, and FSDP2 sharding of the MTP model.
+"""Stage 0, and every parallelism decision of the run: process group, per-rank seeds, FSDP2 sharding of
+the MTP model, and the collectives the trainer reduces its counts and metrics with.
 
 Works under ``torchrun`` (reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``) and as a plain single
 process (a one-rank group on an in-memory store), so the same code path runs everywhere.
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
-from wmtp_train.model.mtp import MTPTransformer
+from wmtp_train.model import MTPTransformer
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,23 @@ def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -
     return model
 
 
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters with ``requires_grad``.
+def all_reduce(t: torch.Tensor, device: torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a (CPU) tensor over the default group on the training device; a no-op on one rank.
 
     Args:
-        module: any module.
+        t: the tensor (any device).
+        device: the training device (gloo reduces on CPU, nccl on CUDA).
+        op: the reduction (``SUM``, ``MIN``, ``MAX``, ...).
 
     Returns:
-        The list.
+        The reduced tensor on the CPU.
     """
-    return [p for p in module.parameters() if p.requires_grad]
+    t = t.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

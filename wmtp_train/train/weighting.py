@@ -1,35 +1,140 @@
-"""Token bookkeeping for the trainer: loss normalisers, Rho-1 weights, explained-variance moments.
+"""Token-weighting recipes of stage 2: which records are trained, and how each token's loss is weighted.
 
-Index convention (SPEC §2): ``weights[b, j]`` weighs every head's prediction of token ``j + 1``; head k
-predicts token ``j + 1`` from position ``j + 1 - k``.
+A recipe is a :class:`TokenWeighting` subclass whose ``name`` is a value of ``stage2.weighting``; defining
+the class registers it. Adding a recipe means adding a class here and a TOML in ``wmtp_train/recipes/``.
+
+Index convention (docs/DESIGN.md, "Weights"): ``weights[b, j]`` weighs every head's prediction of token
+``j + 1``; head k predicts token ``j + 1`` from position ``j + 1 - k``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wmtp_kernels.reference import applied_weight_mask, head_valid_mask
+from wmtp_kernels import IGNORE_INDEX, applied_weight_mask, head_valid_mask
+from wmtp_train.model import LossOptions, MTPTransformer
+
+if TYPE_CHECKING:
+    from wmtp_train.config import TrainConfig
+    from wmtp_train.data.index import OffsetIndex
+    from wmtp_train.train.model_builder import ModelBuilder
+
+WEIGHTINGS: dict[str, type[TokenWeighting]] = {}
+"""Every recipe class by name (filled as the classes are defined)."""
 
 
-def valid_prediction_count(
-    labels: torch.Tensor, attention_mask: torch.Tensor, n_heads: int, ignore_index: int = -100
-) -> torch.Tensor:
-    """Number of valid (head, position) predictions, summed over the H heads.
+class TokenWeighting:
+    """How stage 2 weights tokens: the records it trains on and the token-weight source of the loss.
 
     Args:
-        labels: [B, T] targets (``ignore_index`` where not trained).
-        attention_mask: [B, T], 1 for real tokens.
-        n_heads: H.
-        ignore_index: ignored label value.
-
-    Returns:
-        0-d float64 tensor.
+        config: the run's configuration.
+        builder: builds extra models a recipe needs (e.g. Rho-1's frozen reference).
     """
-    total = sum(head_valid_mask(labels, attention_mask, k, ignore_index).sum() for k in range(1, n_heads + 1))
-    return torch.as_tensor(total, dtype=torch.float64)
+
+    name: ClassVar[str]
+    """The ``stage2.weighting`` value that selects this recipe."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in WEIGHTINGS:
+            raise ValueError(f"token weighting {cls.name!r} is defined twice")
+        WEIGHTINGS[cls.name] = cls
+
+    def __init__(self, config: TrainConfig, builder: ModelBuilder):
+        self.config = config
+
+    def records(self, index: OffsetIndex) -> np.ndarray | None:
+        """The dataset records stage 2 samples from.
+
+        Args:
+            index: the training set's offset index (labels and difficulties of every record).
+
+        Returns:
+            Record indices, or None for all records.
+        """
+        return None
+
+    def loss_inputs(self, model: MTPTransformer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The token-weight arguments of the model's forward for one micro-batch.
+
+        Args:
+            model: the model being trained.
+            batch: the collated micro-batch on the training device.
+
+        Returns:
+            ``{"weights": [B, T]}``, ``{"rewards": [B]}`` (TD weights from the detached critic, built in
+            the loss kernel with ``config.td``), or ``{}`` for uniform weights.
+        """
+        return {}
+
+
+class UniformWeighting(TokenWeighting):
+    """Every trained token weighs 1: plain multi-token prediction (the baseline)."""
+
+    name = "uniform"
+
+
+class CorrectOnlyWeighting(UniformWeighting):
+    """Filtered fine-tuning: uniform weights on the records whose tests pass, and only those are sampled,
+    so the whole token budget goes to correct code (incorrect records are not zero-weighted rows)."""
+
+    name = "correct_only"
+
+    def records(self, index: OffsetIndex) -> np.ndarray:
+        """The indices of the correct records (an error when there is none)."""
+        correct = np.flatnonzero(index.is_correct)
+        if len(correct) == 0:
+            raise ValueError(f"stage2.weighting = {self.name!r}: the training data has no correct record")
+        return correct
+
+
+class TDWeighting(TokenWeighting):
+    """TD-error weights ``clamp(exp(td / beta), min_weight, max_weight)`` from the detached critic and the
+    record's verified reward, built inside the loss kernel (options: ``config.td``)."""
+
+    name = "td"
+
+    def loss_inputs(self, model: MTPTransformer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"rewards": batch["rewards"]}``: the model passes its detached values with them."""
+        return {"rewards": batch["rewards"]}
+
+
+class Rho1Weighting(TokenWeighting):
+    """Rho-1 selection: the ``rho1.top_k`` fraction of the micro-batch's trained tokens with the highest
+    excess loss (current CE minus a frozen reference model's) weigh 1, the others
+    ``rho1.unselected_weight``, normalised to mean 1 over the trained tokens.
+
+    The reference is ``rho1.reference_checkpoint``, else the run's initial weights.
+    """
+
+    name = "rho1"
+
+    def __init__(self, config: TrainConfig, builder: ModelBuilder):
+        super().__init__(config, builder)
+        self.reference = builder.build(config.rho1.reference_checkpoint or config.model.checkpoint_dir)
+        self.reference.requires_grad_(False)
+
+    def loss_inputs(self, model: MTPTransformer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"weights": ...}`` from two no-grad forward passes (the model and the reference)."""
+        per_position = LossOptions(reduction="none")
+        ones = torch.ones(batch["input_ids"].shape, dtype=torch.float32, device=batch["input_ids"].device)
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with torch.no_grad():
+            ce_model = model(*args, weights=ones, loss_options=per_position).loss
+            ce_reference = self.reference(*args, weights=ones, loss_options=per_position).loss
+        cfg = self.config.rho1
+        scores = excess_loss_scores(
+            ce_model, ce_reference, batch["labels"], batch["attention_mask"], cfg.score
+        )
+        weights = rho1_weights(
+            scores, batch["labels"], batch["attention_mask"], cfg.top_k, cfg.unselected_weight
+        )
+        return {"weights": weights}
 
 
 def excess_loss_scores(
@@ -38,7 +143,7 @@ def excess_loss_scores(
     labels: torch.Tensor,
     attention_mask: torch.Tensor,
     score: str = "mean_heads",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Rho-1 excess loss per weight index j (the token j + 1): current CE minus reference CE.
 
@@ -81,7 +186,7 @@ def rho1_weights(
     attention_mask: torch.Tensor,
     top_k: float,
     unselected_weight: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Top-k% selection over the trained tokens of a batch, normalised to mean 1 over them.
 
@@ -115,57 +220,3 @@ def rho1_weights(
     chosen = torch.where(keep, 1.0, unselected_weight)
     mean = chosen[applied].mean()
     return torch.where(applied, chosen / mean, weights)
-
-
-def ev_moments(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sums that give the explained variance of a union of batches (and ranks) once added up.
-
-    Args:
-        values: [B, T, 1] or [B, T].
-        rewards: [B].
-        mask: [B, T] tokens that count.
-
-    Returns:
-        float64 [5]: n, sum R, sum R², sum (R - V), sum (R - V)².
-    """
-    v = values.detach().reshape(mask.shape).double()
-    r = rewards.double()[:, None].expand_as(v)
-    m = mask.double()
-    resid = r - v
-    return torch.stack([m.sum(), (r * m).sum(), (r * r * m).sum(), (resid * m).sum(), (resid**2 * m).sum()])
-
-
-def explained_variance_from_moments(moments: torch.Tensor) -> float:
-    """``1 - Var(R - V) / Var(R)`` from :func:`ev_moments` (NaN when Var(R) = 0 or nothing counted).
-
-    Args:
-        moments: the five sums.
-
-    Returns:
-        The explained variance.
-    """
-    n, sr, srr, se, see = (float(x) for x in moments)
-    if n == 0:
-        return float("nan")
-    var_r = srr / n - (sr / n) ** 2
-    var_e = see / n - (se / n) ** 2
-    return 1.0 - var_e / var_r if var_r > 1e-12 else float("nan")
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``.
-
-    Args:
-        step: 0-based optimizer step.
-        warmup_steps: warm-up length.
-        total_steps: schedule length.
-        min_ratio: final factor.
-
-    Returns:
-        The LR multiplier.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / span, 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
