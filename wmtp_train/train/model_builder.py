@@ -24,7 +24,7 @@ from wmtp_train.model import (
     load_meta_checkpoint,
     resolve_args,
 )
-from wmtp_train.train.parallelize import DistInfo, mixed_precision_policy, shard_model
+from wmtp_train.train.parallelize import DistInfo, parallelize_model
 
 
 class ModelBuilder:
@@ -82,7 +82,7 @@ class ModelBuilder:
             return build_model(self.args, device="cpu").state_dict()
 
     def build(self, checkpoint_dir: str) -> MTPTransformer:
-        """The model on the training device, sharded with FSDP2 when ``parallel.fsdp`` (collective).
+        """The model on the training device, parallelised as ``[parallel]`` says (collective).
 
         Args:
             checkpoint_dir: where the initial weights come from (see :meth:`initial_state`).
@@ -90,10 +90,9 @@ class ModelBuilder:
         Returns:
             The model (train mode, every parameter requiring grad).
         """
-        model = build_model(self.args, device="meta")
-        if self.config.parallel.fsdp:
-            policy = mixed_precision_policy(self.config.parallel.mixed_precision, self.info.device)
-            shard_model(model, policy)
+        model = parallelize_model(
+            build_model(self.args, device="meta"), self.config.parallel, self.info.device
+        )
         model.to_empty(device=self.info.device)
         full = self.initial_state(checkpoint_dir)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from wmtp_train.config import ParallelConfig
 from wmtp_train.model import MTPTransformer
 
 
@@ -118,6 +119,25 @@ def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -
     fully_shard(model, **kwargs)
     register_fsdp_forward_method(model, "trunk_forward")
     register_fsdp_forward_method(model, "full_forward")
+    return model
+
+
+def parallelize_model(
+    model: MTPTransformer, settings: ParallelConfig, device: torch.device
+) -> MTPTransformer:
+    """Apply the run's parallelism to a freshly built (meta-device) model: FSDP2 when ``settings.fsdp``,
+    with the mixed precision policy of ``settings.mixed_precision`` on ``device``.
+
+    Args:
+        model: the model, not yet materialised.
+        settings: the ``[parallel]`` configuration.
+        device: the training device.
+
+    Returns:
+        The same model object (an FSDP module when sharded).
+    """
+    if settings.fsdp:
+        shard_model(model, mixed_precision_policy(settings.mixed_precision, device))
     return model
 
 
