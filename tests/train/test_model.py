@@ -268,7 +268,7 @@ def test_input_validation():
 
 
 def spec_weighted_mtp_loss(logits, labels, mask, weights):
-    """SPEC §2 written out: head k at t predicts labels[t + k] with weight weights[t + k - 1]."""
+    """The loss of docs/DESIGN.md: head k at t predicts labels[t + k] with weight weights[t + k - 1]."""
     seq, heads = logits.shape[1], logits.shape[2]
     per_head = []
     for k in range(1, heads + 1):

@@ -157,7 +157,8 @@ class MTPOutputHead(nn.Module):
             labels: [B, T] int64 targets (the input ids, prompt tokens set to ``ignore_index``);
                 None skips the loss.
             attention_mask: [B, T], 1 for real tokens (None: all real).
-            weights: [B, T] per-token weights (SPEC §2: the prediction of x_{t+k} uses weights[t+k-1]).
+            weights: [B, T] per-token weights; the prediction of x_{t+k} uses weights[t+k-1]
+                (docs/DESIGN.md, "H-offset alignment").
             values: [B, T, 1] or [B, T] critic values, with ``rewards`` [B]: TD weights built in-kernel.
             rewards: [B] sequence rewards.
             loss_options: loss options (defaults: :class:`LossOptions`).

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -120,7 +121,7 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-class Stage:
+class Stage(ABC):
     """One training stage: its parameters, its sampler, and the loss of a micro-batch.
 
     Args:
@@ -143,35 +144,35 @@ class Stage:
 
     # ---------------------------------------------------------------- what subclasses define
     @property
+    @abstractmethod
     def settings(self) -> Stage1Config | Stage2Config:
         """This stage's section of the configuration."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def trains_critic(self) -> bool:
         """Whether the value head learns in this stage (its explained variance is then reported)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def select_parameters(self) -> None:
         """Set ``requires_grad`` on the parameters this stage trains, and only on those."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_sampler(self, index: OffsetIndex) -> BalancedSampler | CurriculumSampler:
         """The stage's sampler over ``index`` (or over :attr:`records` of it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
         """float64 [3] CPU: this micro-batch's predictions, value tokens and tokens (see :class:`Counts`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
         """The micro-batch's share of the step's loss (already divided by the global counts); adds its
         statistics to ``stats``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metrics(self, reduced: ReducedStep) -> dict[str, float]:
         """The step's loss metrics from the reduced statistics."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- shared machinery
     @property
