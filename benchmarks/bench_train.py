@@ -72,9 +72,9 @@ def main() -> None:
             tokens = seconds = 0.0
             for _ in range(args.ab_steps):
                 t0 = time.perf_counter()
-                result = stage.step([trainer.data.batch(indices) for indices in stage.next_indices()])
+                done = stage.step([trainer.data.batch(indices) for indices in stage.next_indices()])
                 seconds += time.perf_counter() - t0
-                tokens += result.tokens
+                tokens += done.tokens
             rates[impl].append(tokens / seconds)
 
     report = {

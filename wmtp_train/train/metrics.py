@@ -4,7 +4,7 @@ Every metric is one number per optimizer step, computed over all the tokens of t
 it does not depend on how the global batch is split into ranks and micro-batches:
 
 - ``total_loss``, ``mtp_loss``, ``value_loss``: the step's losses (global token means, see
-  :mod:`wmtp_train.train.stages`).
+  :mod:`wmtp_train.train.step`).
 - ``ce_head{k}``: head k's unweighted cross-entropy, the mean over its valid predictions of the step.
 - ``weight_mean`` / ``weight_std`` / ``td_mean`` / ``td_std``: pooled moments over the positions whose
   weight is applied (head 1's valid predictions): the mean is ``sum / count`` and the population std

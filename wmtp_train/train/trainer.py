@@ -28,14 +28,8 @@ from wmtp_train.train.checkpoint import Checkpointer, FoundCheckpoint
 from wmtp_train.train.inputs import TrainingData
 from wmtp_train.train.model_builder import ModelBuilder
 from wmtp_train.train.parallelize import DistInfo, all_reduce, init_distributed, seed_everything
-from wmtp_train.train.stages import (
-    CriticStage,
-    NonFiniteAbort,
-    Stage,
-    StageContext,
-    TrainerState,
-    WeightedMTPStage,
-)
+from wmtp_train.train.stages import CriticStage, WeightedMTPStage
+from wmtp_train.train.step import NonFiniteAbort, Stage, StageContext, TrainerState
 from wmtp_train.train.tracking import Tracker
 from wmtp_train.train.weighting import WEIGHTINGS
 
@@ -79,15 +73,9 @@ class Trainer:
         self.data = TrainingData(config, self.info)
         self.builder = ModelBuilder(config, self.info, self.data.tokenizer.vocab_size)
         self.model = self.builder.build(config.model.checkpoint_dir)
-        stages: list[Stage] = []
         self.state = TrainerState()
-        context = StageContext(config, self.model, self.builder.args, self.info, self.state)
-        if config.stage1.enabled:
-            stages.append(CriticStage(context))
-        weighting = WEIGHTINGS[config.stage2.weighting](config, self.builder)
-        stages.append(WeightedMTPStage(context, weighting))
-        self.stages = {stage.name: stage for stage in stages}
-        self.state.stage = stages[0].name
+        self.stages = self._make_stages()
+        self.state.stage = next(iter(self.stages))
         self.checkpointer = Checkpointer(
             self.out / "checkpoints", config.checkpoint.keep, self.info.rank, self.info.world_size
         )
@@ -96,6 +84,15 @@ class Trainer:
             self.print(f"no complete checkpoint found for --resume {resume}; starting fresh")
         self.metrics_history: list[dict[str, float]] = []
         self.tracker = self._start_tracking()
+
+    def _make_stages(self) -> dict[str, Stage]:
+        """Stage 1 when enabled, then stage 2 with the configured token-weighting recipe, in order."""
+        cfg = self.config
+        context = StageContext(cfg, self.model, self.builder.args, self.info, self.state)
+        weighting = WEIGHTINGS[cfg.stage2.weighting](cfg, self.builder)
+        stages = [CriticStage(context)] if cfg.stage1.enabled else []
+        stages.append(WeightedMTPStage(context, weighting))
+        return {stage.name: stage for stage in stages}
 
     def _start_tracking(self) -> Tracker:
         cfg = self.config.tracking
