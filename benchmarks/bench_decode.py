@@ -26,11 +26,12 @@ import time
 import pytest
 import torch
 
-from wmtp_train.evaluate import CODEX_STOP_SEQUENCES, humaneval_problems, load_for_evaluation
-from wmtp_train.generation import DecodeStats, GenerationConfig, encode_prompts, generate_ids
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.eval.humaneval import CODEX_STOP_SEQUENCES, humaneval_problems
+from wmtp_train.eval.loading import load_for_evaluation
+from wmtp_train.inference.generation import DecodeStats, GenerationConfig, encode_prompts, generate_ids
+from wmtp_train.inference.speculative import speculative_generate_ids
 from wmtp_train.model import build_model
-from wmtp_train.speculative import speculative_generate_ids
-from wmtp_train.tokenizer import ByteTokenizer
 
 
 def _timed(fn, repeats: int):

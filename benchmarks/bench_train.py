@@ -10,6 +10,7 @@ reference loss, alternating A/B repeats. Prints one JSON object (device, version
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -30,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from wmtp_train.config import load_recipe
-    from wmtp_train.train import Trainer
+    from wmtp_train.train.trainer import Trainer
 
     out = args.out or tempfile.mkdtemp(prefix="bench_train_")
     cfg = load_recipe(
@@ -58,18 +59,22 @@ def main() -> None:
         return {"steps": len(rows) + 1, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds)}
 
     # A/B on identical batches: rewind the curriculum sampler before each block of steps.
-    sampler = trainer.sampler
+    stage = trainer.stages["stage2"]
+    sampler = stage.sampler
+    options = {
+        impl: dataclasses.replace(stage.loss_options, implementation=impl) for impl in ("fused", "reference")
+    }
     rates: dict[str, list[float]] = {"fused": [], "reference": []}
     for _ in range(args.ab_repeats):
         for impl in ("fused", "reference"):
             sampler.load_state_dict({"seed": sampler.seed, "epoch": 0, "position": 0})
-            trainer.config.stage2.loss_impl = impl
+            stage.loss_options = options[impl]
             tokens = seconds = 0.0
             for _ in range(args.ab_steps):
                 t0 = time.perf_counter()
-                metrics = trainer._stage2_step()
+                done = stage.step([trainer.data.batch(indices) for indices in stage.next_indices()])
                 seconds += time.perf_counter() - t0
-                tokens += metrics["_tokens"]
+                tokens += done.tokens
             rates[impl].append(tokens / seconds)
 
     report = {

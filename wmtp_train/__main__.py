@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch.distributed as dist
 
-    from wmtp_train.train import NonFiniteAbort, train
+    from wmtp_train.train.trainer import NonFiniteAbort, train
 
     try:
         train(config, resume=args.resume)

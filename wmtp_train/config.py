@@ -19,12 +19,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from wmtp_kernels import WeightingOptions
+
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-RECIPES = ("baseline", "verifiable", "rho1_weighted")
-WEIGHTINGS = ("uniform", "td", "rho1")
-TERMINALS = ("last_state", "last_transition")
+RUN_CONFIG_FILE = "config.toml"
+"""Where a run saves its resolved configuration, in its ``run.out_dir``."""
+RECIPES = tuple(sorted(path.stem for path in RECIPE_DIR.glob("*.toml")))
+"""The shipped recipes: one TOML file each in ``wmtp_train/recipes/``."""
 VALUE_LOSSES = ("mse", "huber")
-LOSS_IMPLS = ("fused", "reference")
 RHO1_SCORES = ("mean_heads", "next_token")
 
 
@@ -78,7 +80,7 @@ class ModelConfig:
     """Override of the preset's maximum sequence length (0 = keep)."""
 
     def __post_init__(self) -> None:
-        from wmtp_train.model import PRESETS
+        from wmtp_train.model.args import PRESETS
 
         if not self.checkpoint_dir:
             _choice("model", "preset", self.preset, tuple(PRESETS))
@@ -183,7 +185,8 @@ class Stage2Config:
     max_grad_norm: float = 0.5
     """Gradient clipping (0 = none)."""
     weighting: str = "uniform"
-    """Token weights: ``uniform``, ``td`` (critic TD errors, in-kernel) or ``rho1`` (excess loss)."""
+    """Token-weighting recipe (``wmtp_train.train.weighting``): ``uniform``, ``correct_only`` (uniform on
+    the correct records only), ``td`` (critic TD errors, in-kernel) or ``rho1`` (excess loss)."""
     value_coef: float = 0.5
     """Weight of the clipped value loss in the total loss (0 = the critic is not trained in stage 2)."""
     clip_range: float = 0.2
@@ -210,38 +213,14 @@ class Stage2Config:
             "clip_range",
             allow_zero=True,
         )
-        _choice("stage2", "weighting", self.weighting, WEIGHTINGS)
+        from wmtp_train.model.mtp import LOSS_IMPLEMENTATIONS
+        from wmtp_train.train.weighting import WEIGHTINGS
+
+        _choice("stage2", "weighting", self.weighting, tuple(WEIGHTINGS))
         _choice("stage2", "value_loss", self.value_loss, VALUE_LOSSES)
-        _choice("stage2", "loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("stage2", "loss_impl", self.loss_impl, LOSS_IMPLEMENTATIONS)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"stage2.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-
-@dataclass
-class TDConfig:
-    """TD-error token weights (SPEC §2): w = clamp(exp(td / beta), min_weight, max_weight)."""
-
-    gamma: float = 1.0
-    """Discount."""
-    beta: float = 0.9
-    """Temperature."""
-    min_weight: float = 0.1
-    """Lower clip."""
-    max_weight: float = 5.0
-    """Upper clip."""
-    terminal: str = "last_state"
-    """``last_state`` or ``last_transition`` (SPEC §2)."""
-
-    def __post_init__(self) -> None:
-        _positive("td", self, "beta", "max_weight")
-        _positive("td", self, "min_weight", allow_zero=True)
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"td.gamma must be in [0, 1], got {self.gamma}")
-        if self.min_weight > self.max_weight:
-            raise ValueError(
-                f"td.min_weight ({self.min_weight}) must be <= td.max_weight ({self.max_weight})"
-            )
-        _choice("td", "terminal", self.terminal, TERMINALS)
 
 
 @dataclass
@@ -337,11 +316,17 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-    td: TDConfig = field(default_factory=TDConfig)
+    td: WeightingOptions = field(default_factory=WeightingOptions)
+    """TD-error token weights, ``w = clamp(exp(td / beta), min_weight, max_weight)`` (the ``[td]`` table:
+    gamma, beta, min_weight, max_weight, terminal; docs/DESIGN.md, "TD errors" and "Weights")."""
     rho1: Rho1Config = field(default_factory=Rho1Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.td.gamma <= 1:
+            raise ValueError(f"td.gamma must be in [0, 1], got {self.td.gamma}")
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (TOML-serialisable)."""
@@ -446,7 +431,12 @@ def build_config(tables: dict[str, Any], overrides: list[str] | None = None) -> 
             k: (_parse_text if (section, k) in from_text else _check_type)(f"{section}.{k}", v, hints[k])
             for k, v in raw[section].items()
         }
-        built[section] = cls(**values)
+        try:
+            built[section] = cls(**values)
+        except ValueError as exc:  # name the table when the section's own message does not
+            if str(exc).startswith(f"{section}."):
+                raise
+            raise ValueError(f"[{section}] {exc}") from None
     return TrainConfig(recipe=recipe, **built)
 
 

@@ -6,8 +6,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from wmtp_train.data.tokenizer import ByteTokenizer
 from wmtp_train.model import ModelArgs, MTPTransformer, build_model
-from wmtp_train.tokenizer import ByteTokenizer
 
 # Byte vocabulary so that ByteTokenizer can decode stop sequences.
 TINY_DECODER = ModelArgs(

@@ -2,7 +2,7 @@
 
 Written the way Meta's reference code computes it (complex RoPE via ``view_as_complex``/``polar``,
 KV heads repeated per query group, explicit softmax attention), sharing no code with
-``wmtp_train.model``, so agreement checks key mapping, rotary convention, GQA and head wiring.
+``wmtp_train.model.mtp``, so agreement checks key mapping, rotary convention, GQA and head wiring.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Atomic, verified checkpoints: layout, pruning, refusal of broken checkpoints, fallback on resume."""
 
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from trainer_utils import tiny_config, write_tiny_jsonl
 
-from wmtp_train.checkpoint import (
+from wmtp_train.train.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointManager,
@@ -17,8 +19,8 @@ from wmtp_train.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
-from wmtp_train.parallelize import init_distributed
-from wmtp_train.train import Trainer
+from wmtp_train.train.parallelize import init_distributed
+from wmtp_train.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,6 +118,34 @@ def test_incomplete_and_in_progress_saves_are_ignored(tmp_path):
     assert not (tmp_path / "ckpt" / "step_00000009.tmp").exists()
     assert mgr.latest().step == 3
     assert json.loads((tmp_path / "ckpt" / "step_00000003" / MANIFEST).read_text())["step"] == 3
+
+
+def test_resaving_a_step_keeps_a_complete_copy_when_killed(tmp_path, monkeypatch):
+    """A kill after the old copy of a step is set aside but before the new one is in place."""
+    mgr, latest = _checkpoints(tmp_path)
+    replace = os.replace
+
+    def killed_before_the_new_copy_lands(src, dst):
+        if Path(src).is_dir() and Path(src).name.endswith(".tmp"):
+            raise KeyboardInterrupt("killed")
+        return replace(src, dst)
+
+    model, opt = make_state(seed=3)
+    monkeypatch.setattr(os, "replace", killed_before_the_new_copy_lands)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, state_of(model, opt, {}), {"stage": "stage2"})
+    monkeypatch.undo()
+    found = mgr.latest()
+    assert found.step == 2  # the old copy of step 2, still complete
+    verify_checkpoint(found.path)
+    mgr.save(3, state_of(model, opt, {}), {"stage": "stage2"})  # the next save tidies up
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+        "step_00000003",
+    ]
+    mgr.save(2, state_of(model, opt, {"replaced": 1}), {"stage": "stage2"})  # an uninterrupted re-save
+    assert not list((tmp_path / "ckpt").glob("step_*.old")) and verify_checkpoint(latest)["step"] == 2
 
 
 def test_trainer_resume_skips_a_corrupted_latest_checkpoint(tmp_path):

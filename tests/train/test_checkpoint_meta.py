@@ -4,8 +4,8 @@ import pytest
 import torch
 from meta_reference import meta_forward_logits, random_meta_state_dict
 
-from wmtp_train.checkpoint_meta import export_meta_checkpoint, load_meta_checkpoint, meta_key
 from wmtp_train.model import build_model
+from wmtp_train.model.meta_checkpoint import export_meta_checkpoint, load_meta_checkpoint, meta_key
 
 PARAMS = {
     "dim": 32,

@@ -5,9 +5,12 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 from test_evaluate import write_records
 
-from wmtp_train import compare
-from wmtp_train.checkpoint_meta import export_meta_checkpoint
-from wmtp_train.tracking import default_tracking_uri
+from wmtp_train.config import load_recipe
+from wmtp_train.eval import compare
+from wmtp_train.eval.critic import CriticOptions, critic_report
+from wmtp_train.eval.loading import load_for_evaluation
+from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
+from wmtp_train.train.tracking import default_tracking_uri
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +103,19 @@ def test_markdown_table_marks_missing_values():
     assert lines[0] == "| run | recipe | steps | final MTP loss | pass@1 all |"
     assert lines[2] == "| a | baseline | 3 | 1.250 | 0.500 |"
     assert lines[3] == "| b | verifiable | 5 | – | – |"
+
+
+def test_critic_columns_use_each_runs_own_td_options_and_max_len(tmp_path):
+    run = fake_run(tmp_path, "td", "verifiable", 1, [3.0, 2.0])
+    config = load_recipe("verifiable", ["data.max_len=24"])  # terminal = "last_transition"
+    (run / "config.toml").write_text(config.to_toml())
+    data = tmp_path / "heldout.jsonl"
+    write_records(data, n=6)
+    out = tmp_path / "report" / "report.md"
+    assert compare.main([str(run), "--out", str(out), "--no-humaneval", "--critic-data", str(data)]) == 0
+    reported = json.loads((out.parent / "report_eval" / "td" / "critic_metrics.json").read_text())
+    model, tokenizer, _ = load_for_evaluation(run)
+    own = critic_report(model, tokenizer, data, CriticOptions(config.td, max_len=24), tmp_path / "own")
+    default = critic_report(model, tokenizer, data, CriticOptions(), tmp_path / "default")
+    assert reported == own
+    assert own["mean_weight_correct"] != default["mean_weight_correct"]

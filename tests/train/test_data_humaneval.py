@@ -18,7 +18,7 @@ from wmtp_train.data.humaneval import (
 )
 from wmtp_train.data.mutate import MUTATION_KINDS, mutate_body, normalize_body
 from wmtp_train.data.sandbox import run_program
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer
 
 BODY = """\
     total = 0

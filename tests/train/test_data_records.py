@@ -8,7 +8,7 @@ import torch
 from wmtp_train.data.dataset import LazyJsonlDataset, Sample, collate, tokenize_record
 from wmtp_train.data.index import OffsetIndex, StaleIndexError, index_path_for
 from wmtp_train.data.records import CodeRecord, RecordError
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

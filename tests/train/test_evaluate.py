@@ -7,11 +7,13 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 
 from wmtp_kernels.reference import build_weights, compute_td_errors, explained_variance
-from wmtp_train import evaluate
-from wmtp_train.checkpoint_meta import export_meta_checkpoint
-from wmtp_train.eval_metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
-from wmtp_train.generation import Generation
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.config import load_recipe
+from wmtp_train.data import dataset
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.eval import critic, evaluate, humaneval, loading
+from wmtp_train.eval.metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
+from wmtp_train.inference.generation import Generation
+from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -106,10 +108,10 @@ def test_auc_bad_input():
 
 
 def test_sandbox_scores_canonical_passed_and_broken_failed():
-    problem = evaluate.humaneval_problems(limit=1)[0]
-    options = evaluate.HumanEvalOptions(timeout_s=20.0, workers=2)
+    problem = humaneval.humaneval_problems(limit=1)[0]
+    options = humaneval.HumanEvalOptions(timeout_s=20.0, workers=2)
     completions = [[problem["canonical_solution"], "    return None\n"]]
-    [[good, bad]] = evaluate.score_completions([problem], completions, options)
+    [[good, bad]] = humaneval.score_completions([problem], completions, options)
     assert good.passed, good.stderr_tail
     assert not bad.passed and not bad.timed_out
     assert "AssertionError" in bad.stderr_tail
@@ -117,7 +119,7 @@ def test_sandbox_scores_canonical_passed_and_broken_failed():
 
 def test_pipeline_aggregates_sandbox_results(monkeypatch, tmp_path, critic_model):
     """With generation replaced by known completions, pass@k follows the sandbox's verdicts."""
-    problems = evaluate.humaneval_problems(limit=2)
+    problems = humaneval.humaneval_problems(limit=2)
     texts = {
         problems[0]["task_id"]: [problems[0]["canonical_solution"], "    return None\n"],
         problems[1]["task_id"]: ["    raise ValueError\n", "    return None\n"],
@@ -125,18 +127,18 @@ def test_pipeline_aggregates_sandbox_results(monkeypatch, tmp_path, critic_model
 
     def fake_generate(model, tokenizer, problems, options):
         gens = [[Generation([], t, "stop") for t in texts[p["task_id"]]] for p in problems]
-        return gens, [False] * len(problems), evaluate.DecodeStats()
+        return gens, [False] * len(problems), humaneval.DecodeStats()
 
-    monkeypatch.setattr(evaluate, "generate_completions", fake_generate)
-    options = evaluate.HumanEvalOptions(samples=2, temperature=1.0, k=(1, 2, 10), timeout_s=20.0)
-    metrics = evaluate.evaluate_humaneval(critic_model, ByteTokenizer(), options, tmp_path, problems)
+    monkeypatch.setattr(humaneval, "generate_completions", fake_generate)
+    options = humaneval.HumanEvalOptions(samples=2, temperature=1.0, k=(1, 2, 10), timeout_s=20.0)
+    metrics = humaneval.evaluate_humaneval(critic_model, ByteTokenizer(), options, tmp_path, problems)
     assert metrics["pass@1"] == pytest.approx((pass_at_k(2, 1, 1) + 0) / 2)
     assert metrics["pass@2"] == pytest.approx(0.5)
     assert "pass@10" not in metrics  # needs 10 samples
     records = [json.loads(line) for line in (tmp_path / "humaneval_records.jsonl").read_text().splitlines()]
     assert [r["passed"] for r in records] == [1, 0]
     assert [s["passed"] for s in records[0]["samples"]] == [True, False]
-    splits = evaluate.problem_splits()
+    splits = humaneval.problem_splits()
     assert [r["split"] for r in records] == [splits[p["task_id"]] for p in problems]
     for split in ("train", "heldout"):
         mine = [pass_at_k(2, r["passed"], 2) for r in records if r["split"] == split]
@@ -144,31 +146,31 @@ def test_pipeline_aggregates_sandbox_results(monkeypatch, tmp_path, critic_model
 
 
 def test_problem_split_selection():
-    splits = evaluate.problem_splits()
-    heldout = evaluate.humaneval_problems(split="heldout")
-    train = evaluate.humaneval_problems(split="train")
+    splits = humaneval.problem_splits()
+    heldout = humaneval.humaneval_problems(split="heldout")
+    train = humaneval.humaneval_problems(split="train")
     assert {p["task_id"] for p in heldout} == {t for t, s in splits.items() if s == "heldout"}
-    assert len(heldout) + len(train) == len(evaluate.humaneval_problems()) == len(splits)
+    assert len(heldout) + len(train) == len(humaneval.humaneval_problems()) == len(splits)
     assert 0 < len(heldout) < len(train)
     with pytest.raises(ValueError, match="split"):
-        evaluate.HumanEvalOptions(split="test")
+        humaneval.HumanEvalOptions(split="test")
 
 
 # ---------------------------------------------------------------------------------------- end to end
 
 
 def test_resolve_checkpoint(run_dir, tmp_path):
-    assert evaluate.resolve_checkpoint(run_dir) == run_dir / "export"
-    assert evaluate.resolve_checkpoint(run_dir / "export") == run_dir / "export"
+    assert loading.resolve_checkpoint(run_dir) == run_dir / "export"
+    assert loading.resolve_checkpoint(run_dir / "export") == run_dir / "export"
     with pytest.raises(FileNotFoundError, match="params.json"):
-        evaluate.resolve_checkpoint(tmp_path)
+        loading.resolve_checkpoint(tmp_path)
 
 
 def test_encode_prompt_keeps_bos_and_tail():
     tokenizer = ByteTokenizer()
-    ids, cut = evaluate.encode_prompt(tokenizer, "abcdef", room=4)
+    ids, cut = dataset.encode_prompt(tokenizer, "abcdef", room=4)
     assert cut and ids == [tokenizer.bos_id, *b"def"]
-    ids, cut = evaluate.encode_prompt(tokenizer, "ab", room=4)
+    ids, cut = dataset.encode_prompt(tokenizer, "ab", room=4)
     assert not cut and ids == [tokenizer.bos_id, *b"ab"]
 
 
@@ -197,23 +199,23 @@ def test_humaneval_end_to_end_tiny_model(run_dir, tmp_path):
 
 
 def test_humaneval_greedy_speculative_matches_plain(run_dir, tmp_path):
-    model, tokenizer, _ = evaluate.load_for_evaluation(run_dir)
-    problems = evaluate.humaneval_problems(limit=2)
-    plain_opts = evaluate.HumanEvalOptions(max_new_tokens=10, batch_size=2)
-    fast_opts = evaluate.HumanEvalOptions(max_new_tokens=10, batch_size=2, speculative=True)
-    plain, _, _ = evaluate.generate_completions(model, tokenizer, problems, plain_opts)
-    fast, _, stats = evaluate.generate_completions(model, tokenizer, problems, fast_opts)
+    model, tokenizer, _ = loading.load_for_evaluation(run_dir)
+    problems = humaneval.humaneval_problems(limit=2)
+    plain_opts = humaneval.HumanEvalOptions(max_new_tokens=10, batch_size=2)
+    fast_opts = humaneval.HumanEvalOptions(max_new_tokens=10, batch_size=2, speculative=True)
+    plain, _, _ = humaneval.generate_completions(model, tokenizer, problems, plain_opts)
+    fast, _, stats = humaneval.generate_completions(model, tokenizer, problems, fast_opts)
     assert [[g.tokens for g in gens] for gens in fast] == [[g.tokens for g in gens] for gens in plain]
     assert stats.forwards > 0
 
 
 def test_options_validation():
     with pytest.raises(ValueError, match="temperature"):
-        evaluate.HumanEvalOptions(samples=4, temperature=0.0)
+        humaneval.HumanEvalOptions(samples=4, temperature=0.0)
     with pytest.raises(ValueError, match="greedy"):
-        evaluate.HumanEvalOptions(speculative=True, temperature=0.5)
+        humaneval.HumanEvalOptions(speculative=True, temperature=0.5)
     with pytest.raises(ValueError, match="k must"):
-        evaluate.HumanEvalOptions(k=(0,))
+        humaneval.HumanEvalOptions(k=(0,))
 
 
 # --------------------------------------------------------------------------------------------- critic
@@ -237,8 +239,8 @@ def write_records(path, n=10):
 def test_critic_report_matches_per_record_computation(tmp_path, critic_model):
     records = write_records(tmp_path / "heldout.jsonl")
     tokenizer = ByteTokenizer()
-    options = evaluate.CriticOptions(batch_size=4)
-    metrics = evaluate.critic_report(
+    options = critic.CriticOptions(batch_size=4)
+    metrics = critic.critic_report(
         critic_model, tokenizer, tmp_path / "heldout.jsonl", options, tmp_path / "out"
     )
     # Reference: one unpadded record at a time.
@@ -282,6 +284,31 @@ def test_critic_cli(run_dir, tmp_path):
     metrics = json.loads((out / "critic_metrics.json").read_text())
     assert metrics["n_records"] == 6 and 0 <= metrics["auc_last_value"] <= 1
     assert (out / "metrics.jsonl").is_file()
+
+
+def test_critic_cli_uses_the_runs_own_td_options_unless_flags_override_them(tmp_path, critic_model):
+    run = tmp_path / "run"
+    export_meta_checkpoint(critic_model, run / "export")
+    config = load_recipe("verifiable", ["data.max_len=24"])  # terminal = "last_transition"
+    (run / "config.toml").write_text(config.to_toml())
+    data = tmp_path / "heldout.jsonl"
+    write_records(data, n=6)
+    tokenizer = ByteTokenizer()
+
+    def cli(out, *flags):
+        evaluate.main(["--checkpoint", str(run), "--suite", "critic", "--data", str(data), "--out", str(out),
+                       "--no-mlflow", *flags])  # fmt: skip
+        return json.loads((out / "critic_metrics.json").read_text())
+
+    def direct(out, options):
+        return critic.critic_report(critic_model, tokenizer, data, options, out)
+
+    own = critic.CriticOptions(config.td, max_len=24)
+    assert cli(tmp_path / "cli") == direct(tmp_path / "own", own)
+    assert critic.critic_options(run / "export") == own
+    flagged = cli(tmp_path / "flagged", "--terminal", "last_state", "--max-len", "512")
+    assert flagged == direct(tmp_path / "default", critic.CriticOptions())
+    assert flagged["mean_weight_correct"] != direct(tmp_path / "own2", own)["mean_weight_correct"]
 
 
 def test_prefix_oracle_explained_variance_hand_computed():

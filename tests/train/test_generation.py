@@ -2,17 +2,16 @@ import pytest
 import torch
 from decoding_models import random_prompts, single_thread, tiny_decoder
 
-from wmtp_train.generation import (
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.inference.generation import (
     DecodeStats,
     GenerationConfig,
-    cached_forward,
     generate,
     generate_ids,
     left_pad,
-    new_cache,
     select_tokens,
 )
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.inference.kv_cache import cached_forward, new_cache
 
 PAD = ByteTokenizer.pad_id
 

@@ -5,17 +5,9 @@ import torch
 import torch.nn.functional as F
 from meta_reference import apply_rotary_emb, precompute_freqs_cis
 
-from wmtp_train.model import (
-    PRESETS,
-    LossOptions,
-    ModelArgs,
-    MTPTransformer,
-    apply_rotary,
-    attention_bias,
-    build_model,
-    positions_from_mask,
-    rotary_tables,
-)
+from wmtp_kernels import WeightingOptions
+from wmtp_train.model import PRESETS, LossOptions, ModelArgs, MTPTransformer, build_model
+from wmtp_train.model.layers import apply_rotary, attention_bias, positions_from_mask, rotary_tables
 
 TINY = ModelArgs(
     dim=32, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, n_future_tokens=3
@@ -276,7 +268,7 @@ def test_input_validation():
 
 
 def spec_weighted_mtp_loss(logits, labels, mask, weights):
-    """SPEC §2 written out: head k at t predicts labels[t + k] with weight weights[t + k - 1]."""
+    """The loss of docs/DESIGN.md: head k at t predicts labels[t + k] with weight weights[t + k - 1]."""
     seq, heads = logits.shape[1], logits.shape[2]
     per_head = []
     for k in range(1, heads + 1):
@@ -306,7 +298,9 @@ def test_rewards_build_td_weights_from_detached_values():
     model = tiny_model()
     tokens = torch.randint(0, TINY.vocab_size, (2, 8))
     rewards = torch.tensor([1.0, 0.0])
-    out = model(tokens, rewards=rewards, loss_options=LossOptions(return_stats=True, beta=0.5))
+    out = model(
+        tokens, rewards=rewards, loss_options=LossOptions(WeightingOptions(beta=0.5), return_stats=True)
+    )
     values = out.values.detach().squeeze(-1)
     td = torch.cat([values[:, 1:] - values[:, :-1], rewards[:, None] - values[:, -1:]], dim=1)
     expected_weights = torch.exp(td / 0.5).clamp(0.1, 5.0)
@@ -325,7 +319,7 @@ def test_reference_loss_implementation_matches_fused_loss_and_gradients():
     for implementation in ("fused", "reference"):
         torch.manual_seed(0)
         model = tiny_model()
-        options = LossOptions(implementation=implementation, terminal="last_transition")
+        options = LossOptions(WeightingOptions(terminal="last_transition"), implementation=implementation)
         loss = model(tokens, rewards=rewards, loss_options=options).loss
         loss.backward()
         results[implementation] = (loss.detach(), model.head.output.weight.grad.clone())

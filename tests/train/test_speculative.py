@@ -8,9 +8,9 @@ from decoding_models import (
     tiny_decoder,
 )
 
-from wmtp_train.generation import DecodeStats, GenerationConfig, generate_ids
-from wmtp_train.speculative import accepted_drafts, speculative_generate, speculative_generate_ids
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.inference.generation import DecodeStats, GenerationConfig, generate_ids
+from wmtp_train.inference.speculative import accepted_drafts, speculative_generate, speculative_generate_ids
 
 PAD = ByteTokenizer.pad_id
 DECODE = ByteTokenizer().decode

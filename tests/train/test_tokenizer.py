@@ -1,6 +1,6 @@
 import pytest
 
-from wmtp_train.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 
 
 def test_byte_tokenizer_ids_and_specials():

@@ -6,8 +6,8 @@ import warnings
 import pytest
 from trainer_utils import tiny_config, write_tiny_jsonl
 
-from wmtp_train.tracking import METRICS_FILE, Tracker, default_tracking_uri
-from wmtp_train.train import Trainer
+from wmtp_train.train.tracking import METRICS_FILE, Tracker, default_tracking_uri
+from wmtp_train.train.trainer import Trainer
 
 
 def test_default_uri_is_sqlite_under_out(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from trainer_utils import tiny_config, write_tiny_jsonl
 
-from wmtp_train.train import NonFiniteAbort, Trainer
+from wmtp_train.train.trainer import NonFiniteAbort, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_fused_and_reference_losses_agree(data, tmp_path):
 
 
 def test_export_loads_as_meta_checkpoint(data, tmp_path):
-    from wmtp_train.checkpoint_meta import load_meta_checkpoint
+    from wmtp_train.model.meta_checkpoint import load_meta_checkpoint
 
     cfg = tiny_config("baseline", tmp_path / "run", data, **{"run.max_steps": 1, "checkpoint.export": True})
     trainer = Trainer(cfg)
@@ -188,6 +188,6 @@ def test_fresh_value_head_of_a_meta_checkpoint_does_not_depend_on_the_rank_seed(
     states = []
     for rank_seed in (1, 2):  # what seed_everything(seed + rank) leaves behind on two ranks
         torch.manual_seed(rank_seed)
-        states.append(trainer._initial_full_state(trainer.model_args, str(export)))
+        states.append(trainer.builder.initial_state(str(export)))
     assert any(k.startswith("value_head.") for k in states[0])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

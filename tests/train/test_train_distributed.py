@@ -51,6 +51,15 @@ def launch(recipe, out, data, nproc, extra=None, resume=False, wait=True):
     return proc
 
 
+POOLED_STATS = ("weight_mean", "weight_std", "weight_min", "weight_max", "weight_entropy", "td_min", "td_max",
+                "td_std", "ce_head1", "ce_head4", "explained_variance")  # fmt: skip
+
+
+def step_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if "step" in row and "grad_norm" in row}
+
+
 def step_losses(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {}
@@ -90,6 +99,15 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(two_rank_verifiable
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     assert (two_rank_verifiable / "checkpoints" / "step_00000007").is_dir()
+    # Statistics are over the step's tokens on all ranks: true extremes (MIN / MAX all-reduce) and pooled
+    # moments, whatever the split into ranks and micro-batches.
+    one, two = step_rows(tmp_path), step_rows(two_rank_verifiable)
+    for step in range(4, 8):  # stage 2
+        for key in POOLED_STATS:
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-6, nan_ok=True), (
+                step,
+                key,
+            )
 
 
 def test_two_rank_resume_reproduces_the_uninterrupted_run(two_rank_verifiable, data, tmp_path):

@@ -4,14 +4,10 @@ import pytest
 import torch
 
 from wmtp_kernels.reference import explained_variance, weighted_mtp_cross_entropy
-from wmtp_train.weighting import (
-    ev_moments,
-    excess_loss_scores,
-    explained_variance_from_moments,
-    lr_factor,
-    rho1_weights,
-    valid_prediction_count,
-)
+from wmtp_train.eval.metrics import ev_moments, explained_variance_from_moments
+from wmtp_train.train.lr_schedule import lr_factor
+from wmtp_train.train.metrics import prediction_counts
+from wmtp_train.train.weighting import excess_loss_scores, rho1_weights
 
 
 def _batch(batch=3, seq=9, heads=4, vocab=11, seed=0):
@@ -25,13 +21,13 @@ def _batch(batch=3, seq=9, heads=4, vocab=11, seed=0):
     return logits, labels, mask
 
 
-def test_valid_prediction_count_matches_reference_per_head_counts():
+def test_prediction_counts_match_reference_per_head_counts():
     _, labels, mask = _batch()
-    expected = 0
+    expected = []
     for k in range(1, 5):
         valid = (labels[:, k:] != -100) & mask[:, :-k].bool() & mask[:, k:].bool()
-        expected += int(valid.sum())
-    assert int(valid_prediction_count(labels, mask, 4)) == expected
+        expected.append(int(valid.sum()))
+    assert prediction_counts(labels, mask, 4).tolist() == expected
 
 
 def test_sum_over_count_equals_spec_mean_when_heads_have_equal_counts():
@@ -40,7 +36,7 @@ def test_sum_over_count_equals_spec_mean_when_heads_have_equal_counts():
     ones = torch.ones(labels.shape)
     mean = weighted_mtp_cross_entropy(logits, labels, mask, weights=ones, reduction="mean")
     total = weighted_mtp_cross_entropy(logits, labels, mask, weights=ones, reduction="sum")
-    normalised = total.double() / valid_prediction_count(labels, mask, 4)
+    normalised = total.double() / prediction_counts(labels, mask, 4).sum()
     assert normalised.item() == pytest.approx(mean.item(), rel=1e-6)
 
 
@@ -64,7 +60,7 @@ def test_excess_scores_follow_the_weight_index_convention():
 def test_rho1_weights_select_top_fraction_and_normalise():
     _, labels, mask = _batch(seed=1)
     scores = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
-    from wmtp_kernels.reference import applied_weight_mask
+    from wmtp_kernels import applied_weight_mask
 
     applied = applied_weight_mask(labels, mask, -100)
     w = rho1_weights(scores, labels, mask, top_k=0.6)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from wmtp_kernels import IGNORE_INDEX
 from wmtp_train.data.index import OffsetIndex
 from wmtp_train.data.records import DEFAULT_MAX_RECORD_BYTES, CodeRecord, parse_record_line
 
@@ -46,12 +47,33 @@ class Sample:
     truncated: bool = False
 
 
+def encode_prompt(tokenizer, prompt: str | Sequence[int], room: int | None = None) -> tuple[list[int], bool]:
+    """``bos + prompt``: the context every sequence starts with, in training, evaluation and generation.
+
+    Args:
+        tokenizer: any tokenizer of ``wmtp_train.data.tokenizer``.
+        prompt: the prompt text, or its token ids (without bos).
+        room: most tokens allowed, bos included (>= 1); a longer prompt keeps its tail, the part next to
+            what follows it. None: no limit.
+
+    Returns:
+        ``(ids, truncated)``.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if room is not None and room < 1:
+        raise ValueError(f"room must be >= 1 token (bos), got {room}")
+    truncated = room is not None and len(ids) > room - 1
+    if truncated:
+        ids = ids[len(ids) - (room - 1) :]
+    return [tokenizer.bos_id, *ids], truncated
+
+
 def tokenize_record(record: CodeRecord, tokenizer, max_len: int) -> Sample:
     """Tokenise a record with the module's truncation policy.
 
     Args:
         record: the record.
-        tokenizer: any tokenizer of ``wmtp_train.tokenizer``.
+        tokenizer: any tokenizer of ``wmtp_train.data.tokenizer``.
         max_len: the maximum number of tokens (>= 4).
 
     Returns:
@@ -62,15 +84,16 @@ def tokenize_record(record: CodeRecord, tokenizer, max_len: int) -> Sample:
     prompt = tokenizer.encode(record.prompt)
     completion = tokenizer.encode(record.completion) + [tokenizer.eos_id]
     room = max_len - 1
-    truncated = len(prompt) + len(completion) > room
+    n_prompt = len(prompt)
+    truncated = n_prompt + len(completion) > room
     if truncated:
-        n_completion = min(len(completion), max(room - len(prompt), room // 2))
+        n_completion = min(len(completion), max(room - n_prompt, room // 2))
         n_prompt = room - n_completion
-        prompt = prompt[len(prompt) - n_prompt :]
         completion = completion[:n_completion]
+    context, _ = encode_prompt(tokenizer, prompt, room=1 + n_prompt)
     return Sample(
-        input_ids=[tokenizer.bos_id, *prompt, *completion],
-        n_context=1 + len(prompt),
+        input_ids=[*context, *completion],
+        n_context=len(context),
         reward=1.0 if record.is_correct else 0.0,
         difficulty=record.difficulty,
         task_id=record.task_id,
@@ -99,7 +122,7 @@ class LazyJsonlDataset(torch.utils.data.Dataset):
 
         Args:
             path: the JSONL file of records.
-            tokenizer: any tokenizer of ``wmtp_train.tokenizer``.
+            tokenizer: any tokenizer of ``wmtp_train.data.tokenizer``.
             max_len: maximum tokens per sample (>= 4); longer records are truncated (module docstring).
             on_error: ``"raise"`` (error with file:line) or ``"skip"`` (count and log) for invalid lines.
             max_record_bytes: lines longer than this are invalid.
@@ -160,7 +183,7 @@ def collate(
     batch: Sequence[Sample],
     pad_id: int,
     padding_side: str = "right",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict:
     """Pad a list of samples into training tensors.
 

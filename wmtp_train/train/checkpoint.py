@@ -6,17 +6,22 @@ Layout under ``<out>/checkpoints``::
         .metadata  __*_*.distcp   (DCP files, one set per rank)
         manifest.json       step, stage, and the size + CRC32 of every file (written last)
     step_00000140.tmp/      a save in progress (never considered for resume)
+    step_00000120.old/      the previous copy of a step while a re-save replaces it
 
 Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 checksums the files, writes
-``manifest.json`` (fsynced, via its own temp file) and renames the directory to ``step_N/``. A save
-killed at any point leaves either a ``.tmp`` directory (ignored, removed by the next save) or a complete
-checkpoint. On resume, a checkpoint whose manifest is missing or whose files differ in size or CRC32
-from it is refused with a message, and the previous complete one is used.
+``manifest.json`` (fsynced, via its own temp file) and renames the directory to ``step_N/``. Re-saving an
+existing step (after resuming from an earlier checkpoint, say) first renames the old ``step_N/`` to
+``step_N.old/``, then renames the new one into place, then deletes the old one, so some complete copy of
+step N exists at every instant. A save killed at any point leaves either a ``.tmp`` directory (ignored,
+removed by the next save), a ``.old`` directory (used for resume while ``step_N/`` is missing, put back
+or removed by the next save), or a complete checkpoint. On resume, a checkpoint whose manifest is missing
+or whose files differ in size or CRC32 from it is refused with a message, and the previous complete one
+is used.
 
-What is saved (all ranks, keys below): ``model`` and ``optim`` (sharded, through
-``torch.distributed.checkpoint.state_dict``, so they reload under FSDP2), ``lr_scheduler``, ``sampler``,
-``trainer`` (step, stage, counters), ``extra`` (e.g. the value-head snapshot V_old) and
-``rng.rank{r}`` (torch / numpy / python generator states of rank r, restored on the same rank).
+What the trainer saves (all ranks; :class:`Checkpointer`): ``app`` (model and optimizer, sharded through
+``torch.distributed.checkpoint.state_dict`` so they reload under FSDP2), ``lr_scheduler``, ``sampler``,
+``running_ev``, ``trainer`` (step, stage, counters), the stage's extras (the value-head snapshot V_old)
+and ``rng.rank{r}`` (torch / numpy / python generator states of rank r, restored on the same rank).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_REPLACED_DIR = re.compile(r"^step_(\d+)\.old$")
 
 
 class CheckpointError(RuntimeError):
@@ -214,15 +220,29 @@ class CheckpointManager:
         return self.root / f"step_{step:08d}"
 
     def complete_steps(self) -> list[tuple[int, Path]]:
-        """``(step, path)`` of every ``step_N`` directory (not yet verified), newest first."""
+        """``(step, path)`` of every ``step_N`` directory (not yet verified), newest first; a ``step_N.old``
+        directory stands in for a ``step_N`` that a killed re-save left missing."""
         if not self.root.is_dir():
             return []
-        found = []
+        found, replaced = {}, {}
         for path in self.root.iterdir():
-            match = _STEP_DIR.match(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1)), path))
-        return sorted(found, reverse=True)
+            for pattern, into in ((_STEP_DIR, found), (_REPLACED_DIR, replaced)):
+                match = pattern.match(path.name)
+                if match and path.is_dir():
+                    into[int(match.group(1))] = path
+        return sorted({**replaced, **found}.items(), reverse=True)
+
+    def _recover(self) -> None:
+        """Finish what a killed save left: put a ``step_N.old`` back when ``step_N`` is missing (else drop
+        it), and remove every ``.tmp`` directory."""
+        for path in self.root.glob("step_*.old"):
+            final = path.with_name(path.name.removesuffix(".old"))
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
+        for stale in self.root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, step: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
         """Write a checkpoint atomically (collective).
@@ -239,19 +259,18 @@ class CheckpointManager:
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step_*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it atomically below
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._recover()
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
         if self.rank == 0:
             write_manifest(tmp, {"step": step, **info})
-            if final.exists():
-                shutil.rmtree(final)
+            replaced = final.with_name(final.name + ".old")
+            if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+                os.replace(final, replaced)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            shutil.rmtree(replaced, ignore_errors=True)
             self._prune()
         _barrier()
         return final
@@ -306,3 +325,67 @@ def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             ``load_state_dict``).
     """
     dcp.load(state, checkpoint_id=str(path))
+
+
+class Checkpointer:
+    """The trainer's checkpoints: what a run saves and restores, under ``<out>/checkpoints`` (collective).
+
+    Args:
+        root: the checkpoints directory.
+        keep: how many complete checkpoints to keep.
+        rank: this process's rank.
+        world_size: ranks in the job (recorded in the manifest).
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int, rank: int, world_size: int):
+        self.manager = CheckpointManager(root, keep, rank)
+        self.rank = rank
+        self.world_size = world_size
+        self.last_saved = -1
+        """The step of the last checkpoint this process saved (-1: none)."""
+
+    def find(self, resume: str | None) -> FoundCheckpoint | None:
+        """The checkpoint to resume from, resolved on rank 0 and broadcast.
+
+        Args:
+            resume: a checkpoint or run directory, ``"latest"`` (the latest complete checkpoint under the
+                root), or None for a fresh run.
+
+        Returns:
+            The verified checkpoint, or None (fresh run, or nothing complete found).
+        """
+        if resume is None:
+            return None
+        found = [self.manager.resolve(None if resume == "latest" else resume) if self.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
+    def _state(self, trainer_state: Stateful, stage_state: dict[str, Any]) -> dict[str, Any]:
+        return {**stage_state, "trainer": trainer_state, rng_key(self.rank): RNGState()}
+
+    def save(self, trainer_state: Any, stage_state: dict[str, Any]) -> Path:
+        """Save the run's state after ``trainer_state.step`` (collective).
+
+        Args:
+            trainer_state: the trainer's counters (``Stateful``, with ``step``, ``stage``, ``stage_step``).
+            stage_state: the current stage's entries (``Stage.checkpoint_state()``).
+
+        Returns:
+            The checkpoint directory.
+        """
+        info = {"stage": trainer_state.stage, "stage_step": trainer_state.stage_step}
+        state = self._state(trainer_state, stage_state)
+        path = self.manager.save(trainer_state.step, state, {**info, "world_size": self.world_size})
+        self.last_saved = trainer_state.step
+        return path
+
+    def load(self, found: FoundCheckpoint, trainer_state: Stateful, stage_state: dict[str, Any]) -> None:
+        """Restore a checkpoint into the trainer's counters and the (set-up) stage, in place (collective).
+
+        Args:
+            found: the checkpoint.
+            trainer_state: the trainer's counters.
+            stage_state: the stage's entries, built after the stage was set up for ``found``'s stage.
+        """
+        load_checkpoint(found.path, self._state(trainer_state, stage_state))

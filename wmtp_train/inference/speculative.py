@@ -7,10 +7,10 @@ that same forward: d_{i+2} is accepted when every earlier draft was and ``g_i ==
 accepted drafts the row emits ``d_2 .. d_{a+1}, g_a`` (a + 1 tokens), the extra heads at position a
 propose the next drafts, and the cache slots of the rejected drafts are dropped. Every emitted token is
 the next-token head's argmax given exactly the committed prefix, so the output is the one plain greedy
-decoding (:func:`wmtp_train.generation.generate_ids`) produces, up to floating-point ties.
+decoding (:func:`wmtp_train.inference.generation.generate_ids`) produces, up to floating-point ties.
 
 Rows of a batch accept different numbers of drafts; their rejected slots become masked holes in the
-shared cache (see :class:`wmtp_train.generation.KVCache`), so the batch stays rectangular.
+shared cache (see :class:`wmtp_train.inference.kv_cache.KVCache`), so the batch stays rectangular.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from wmtp_train.generation import (
+from wmtp_train.inference.generation import (
     DecodeStats,
     Generation,
     GenerationConfig,
     RowStopper,
-    cached_forward,
     check_room,
     encode_prompts,
     left_pad,
-    new_cache,
     with_eos,
 )
+from wmtp_train.inference.kv_cache import cached_forward, new_cache
 from wmtp_train.model import MTPTransformer
 
 

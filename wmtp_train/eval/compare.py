@@ -1,16 +1,17 @@
 """Compare training runs: evaluate each run's final export and write one markdown table plus a PNG of the
 training curves read from each run's MLflow store.
 
-``python -m wmtp_train.compare RUN_DIR... --out report.md [--limit P] [--max-new-tokens M]``
+``python -m wmtp_train.eval.compare RUN_DIR... --out report.md [--limit P] [--max-new-tokens M]``
 
 Per run (a trainer ``out_dir``): the final model is ``RUN/export`` (the trainer's consolidated export);
 HumanEval pass@1 comes from greedy decoding (self-speculative, which gives the same completions and
 also measures accepted tokens per forward) split into the problems whose solutions are in the default
 training data (``train``) and the others (``heldout``); the critic columns come from
-:func:`wmtp_train.evaluate.critic_report` on ``--critic-data`` (default: the default data's held-out
-split). Training curves come from the MLflow run named in ``RUN/mlflow_run_id`` in the store the trainer
-used (``sqlite:///RUN/mlflow.db`` unless ``MLFLOW_TRACKING_URI``), or from ``RUN/metrics.jsonl`` when
-the run has no MLflow id.
+:func:`wmtp_train.eval.critic.critic_report` on ``--critic-data`` (default: the default data's held-out
+split), with each run's own TD options and ``max_len`` (from its ``config.toml``). Training curves come
+from the MLflow run named in ``RUN/mlflow_run_id`` in the store the trainer used
+(``sqlite:///RUN/mlflow.db`` unless ``MLFLOW_TRACKING_URI``), or from ``RUN/metrics.jsonl`` when the run
+has no MLflow id.
 
 Outputs: ``report.md``, ``report.png`` beside it, and each run's evaluation files in
 ``<report stem>_eval/<run name>/``.
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from wmtp_train import evaluate
+from wmtp_train.eval.critic import CriticOptions, critic_options, critic_report
+from wmtp_train.eval.humaneval import HumanEvalOptions, evaluate_humaneval
+from wmtp_train.eval.loading import load_for_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def read_training_curves(run_dir: str | os.PathLike, metrics: Sequence[str]) -> 
     if id_file.is_file() and id_file.read_text().strip():
         from mlflow.tracking import MlflowClient
 
-        from wmtp_train.tracking import default_tracking_uri
+        from wmtp_train.train.tracking import default_tracking_uri
 
         client = MlflowClient(tracking_uri=default_tracking_uri(run_dir))
         run_id = id_file.read_text().strip()
@@ -85,7 +88,7 @@ def read_training_curves(run_dir: str | os.PathLike, metrics: Sequence[str]) -> 
 
 
 def _curves_from_jsonl(run_dir: Path, metrics: Sequence[str]) -> tuple[str, dict]:
-    from wmtp_train.tracking import METRICS_FILE
+    from wmtp_train.train.tracking import METRICS_FILE
 
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -105,8 +108,8 @@ def _curves_from_jsonl(run_dir: Path, metrics: Sequence[str]) -> tuple[str, dict
 def summarize_run(
     run_dir: str | os.PathLike,
     out_dir: Path,
-    humaneval: evaluate.HumanEvalOptions | None,
-    critic: evaluate.CriticOptions | None,
+    humaneval: HumanEvalOptions | None,
+    critic: CriticOptions | None,
     critic_data: str | os.PathLike | None,
     curve_metrics: Sequence[str] = DEFAULT_CURVES,
     device: str = "cpu",
@@ -129,11 +132,11 @@ def summarize_run(
     recipe, curves = read_training_curves(run_dir, curve_metrics)
     steps = max((history[-1][0] for history in curves.values()), default=0)
     summary = RunSummary(run_dir.name, recipe, steps, {k: v[-1][1] for k, v in curves.items()}, curves)
-    model, tokenizer, _ = evaluate.load_for_evaluation(run_dir, device=device)
+    model, tokenizer, _ = load_for_evaluation(run_dir, device=device)
     if humaneval is not None:
-        summary.evaluation.update(evaluate.evaluate_humaneval(model, tokenizer, humaneval, out_dir))
+        summary.evaluation.update(evaluate_humaneval(model, tokenizer, humaneval, out_dir))
     if critic is not None:
-        report = evaluate.critic_report(model, tokenizer, critic_data, critic, out_dir)
+        report = critic_report(model, tokenizer, critic_data, critic, out_dir)
         summary.evaluation.update({f"critic/{k}": v for k, v in report.items()})
     return summary
 
@@ -248,8 +251,10 @@ def write_report(summaries: Sequence[RunSummary], out: str | os.PathLike, settin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``python -m wmtp_train.compare``."""
-    p = argparse.ArgumentParser(prog="python -m wmtp_train.compare", description=__doc__.split("\n\n")[0])
+    """The command-line parser of ``python -m wmtp_train.eval.compare``."""
+    p = argparse.ArgumentParser(
+        prog="python -m wmtp_train.eval.compare", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("runs", nargs="+", help="training run directories (trainer out_dir, with export/)")
     p.add_argument("--out", default="report.md", help="markdown report path (the PNG goes beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N HumanEval problems only")
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m wmtp_train.compare``.
+    """Entry point of ``python -m wmtp_train.eval.compare``.
 
     Args:
         argv: arguments (default: ``sys.argv[1:]``).
@@ -278,20 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     humaneval = None
     if not args.no_humaneval:
-        humaneval = evaluate.HumanEvalOptions(
+        humaneval = HumanEvalOptions(
             max_new_tokens=args.max_new_tokens,
             limit=args.limit,
             batch_size=args.batch_size,
             speculative=True,
             workers=args.workers,
         )
-    critic, critic_data = None, args.critic_data
-    if not args.no_critic:
-        critic = evaluate.CriticOptions(limit=args.critic_limit)
-        if critic_data is None:
-            from wmtp_train.data.humaneval import ensure_default_dataset
+    critic_data = args.critic_data
+    if not args.no_critic and critic_data is None:
+        from wmtp_train.data.humaneval import ensure_default_dataset
 
-            critic_data = ensure_default_dataset().heldout_path
+        critic_data = ensure_default_dataset().heldout_path
     out = Path(args.out)
     eval_root = out.parent / f"{out.stem}_eval"
     curves = [c for c in args.curves.split(",") if c]
@@ -301,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = []
     for run in args.runs:
         log.info("evaluating %s", run)
+        critic = None if args.no_critic else critic_options(run, limit=args.critic_limit)
         summaries.append(
             summarize_run(
                 run, eval_root / Path(run).name, humaneval, critic, critic_data, curves, args.device
@@ -313,8 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.max_new_tokens} new tokens, pass@1 scored in the sandbox. Train problems are those "
             "whose canonical solution and mutants are in the default training data."
         )
-    if critic is not None:
-        settings.append(f"Critic: {summaries[0].evaluation['critic/n_records']} records of {critic_data}.")
+    if not args.no_critic:
+        settings.append(
+            f"Critic: {summaries[0].evaluation['critic/n_records']} records of {critic_data}, TD weights "
+            "with each run's own [td] options and data.max_len (its config.toml)."
+        )
     settings.append("Curves from each run's MLflow store.")
     md, png = write_report(summaries, out, " ".join(settings))
     print(md.read_text())

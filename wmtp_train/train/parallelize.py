@@ -1,4 +1,5 @@
-"""Stage 0: process group, per-rank seeds, and FSDP2 sharding of the MTP model.
+"""Stage 0, and every parallelism decision of the run: process group, per-rank seeds, FSDP2 sharding of
+the MTP model, and the collectives the trainer reduces its counts and metrics with.
 
 Works under ``torchrun`` (reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``) and as a plain single
 process (a one-rank group on an in-memory store), so the same code path runs everywhere.
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
+from wmtp_train.config import ParallelConfig
 from wmtp_train.model import MTPTransformer
 
 
@@ -120,13 +122,42 @@ def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -
     return model
 
 
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters with ``requires_grad``.
+def parallelize_model(
+    model: MTPTransformer, settings: ParallelConfig, device: torch.device
+) -> MTPTransformer:
+    """Apply the run's parallelism to a freshly built (meta-device) model: FSDP2 when ``settings.fsdp``,
+    with the mixed precision policy of ``settings.mixed_precision`` on ``device``.
 
     Args:
-        module: any module.
+        model: the model, not yet materialised.
+        settings: the ``[parallel]`` configuration.
+        device: the training device.
 
     Returns:
-        The list.
+        The same model object (an FSDP module when sharded).
     """
-    return [p for p in module.parameters() if p.requires_grad]
+    if settings.fsdp:
+        shard_model(model, mixed_precision_policy(settings.mixed_precision, device))
+    return model
+
+
+def all_reduce(t: torch.Tensor, device: torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a (CPU) tensor over the default group on the training device; a no-op on one rank.
+
+    Args:
+        t: the tensor (any device).
+        device: the training device (gloo reduces on CPU, nccl on CUDA).
+        op: the reduction (``SUM``, ``MIN``, ``MAX``, ...).
+
+    Returns:
+        The reduced tensor on the CPU.
+    """
+    t = t.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

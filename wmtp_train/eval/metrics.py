@@ -1,4 +1,5 @@
-"""Evaluation statistics: the unbiased pass@k estimator and a rank-based ROC AUC."""
+"""Evaluation statistics: the unbiased pass@k estimator, a rank-based ROC AUC, the critic's explained
+variance (from sums that add up over batches and ranks) and its ceiling on a set of records."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -116,3 +118,41 @@ def prefix_oracle_explained_variance(records: Sequence[tuple[Sequence[int], int,
     if rewards.size == 0 or rewards.var() <= 1e-12:
         return math.nan
     return float(1.0 - (rewards - oracle).var() / rewards.var())
+
+
+def ev_moments(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sums that give the critic's explained variance of a union of batches (and ranks) once added up.
+
+    Args:
+        values: [B, T, 1] or [B, T].
+        rewards: [B], broadcast over each row.
+        mask: [B, T] tokens that count (the completion tokens).
+
+    Returns:
+        float64 [5] on the device of ``values``: n, sum R, sum R², sum (R - V), sum (R - V)².
+    """
+    v = values.detach().reshape(mask.shape).double()
+    r = rewards.detach().double()[:, None].expand_as(v)
+    m = mask.double()
+    resid = r - v
+    return torch.stack([m.sum(), (r * m).sum(), (r * r * m).sum(), (resid * m).sum(), (resid**2 * m).sum()])
+
+
+def explained_variance_from_moments(moments: torch.Tensor) -> float:
+    """The critic's explained variance ``1 - Var(R - V) / Var(R)`` over the tokens :func:`ev_moments` summed.
+
+    This is the one definition the trainer (pooled over micro-batches and ranks) and the critic report
+    (pooled over the evaluated records) share.
+
+    Args:
+        moments: the five sums of :func:`ev_moments` (added up over any number of batches).
+
+    Returns:
+        The explained variance; NaN when nothing counted or the rewards have no variance.
+    """
+    n, sr, srr, se, see = (float(x) for x in moments)
+    if n == 0:
+        return math.nan
+    var_r = srr / n - (sr / n) ** 2
+    var_e = see / n - (se / n) ** 2
+    return 1.0 - var_e / var_r if var_r > 1e-12 else math.nan

@@ -27,20 +27,17 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, then pad=256, bos=257, eos=258 and one reserved id 259.
+class _SpecialIds:
+    """``encode`` with optional bos / eos around the ids of the text (``_text_ids``)."""
 
-    ``vocab_size`` is 260, the vocabulary of the ``micro`` model preset.
-    """
+    bos_id: int
+    eos_id: int
 
-    vocab_size = 260
-    pad_id = 256
-    bos_id = 257
-    eos_id = 258
-    reserved_id = 259
+    def _text_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Encode a string as its UTF-8 bytes.
+        """Encode a string.
 
         Args:
             text: the string to encode.
@@ -52,12 +49,23 @@ class ByteTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = list(text.encode("utf-8"))
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+        return [self.bos_id] * bos + self._text_ids(text) + [self.eos_id] * eos
+
+
+class ByteTokenizer(_SpecialIds):
+    """UTF-8 bytes as tokens 0..255, then pad=256, bos=257, eos=258 and one reserved id 259.
+
+    ``vocab_size`` is 260, the vocabulary of the ``micro`` model preset.
+    """
+
+    vocab_size = 260
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+    reserved_id = 259
+
+    def _text_ids(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids back to text.
@@ -78,7 +86,7 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_SpecialIds):
     """A sentencepiece model file (Meta's ``tokenizer.model``); needs the optional ``sentencepiece``.
 
     When the model defines no pad piece (Meta's Llama tokenizer has ``pad_id() == -1``), ``pad_id`` is
@@ -110,25 +118,8 @@ class SentencePieceTokenizer:
         self.pad_id = pad if pad >= 0 else self.eos_id
         self._special = {i for i in (self.bos_id, self.eos_id, pad) if i >= 0}
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Encode a string with the sentencepiece model.
-
-        Args:
-            text: the string to encode.
-            bos: prepend ``bos_id``.
-            eos: append ``eos_id``.
-
-        Returns:
-            The token ids.
-        """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = list(self._sp.encode(text))
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids back to text, skipping bos/eos/pad.

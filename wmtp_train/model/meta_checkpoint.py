@@ -18,11 +18,13 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from wmtp_train.model import ModelArgs, MTPTransformer
+from wmtp_train.model.args import ModelArgs
+from wmtp_train.model.mtp import MTPTransformer
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.pth"
@@ -92,6 +94,54 @@ def _check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, tuple[
         raise ValueError(f"{WEIGHTS_FILE} does not match params.json: " + " | ".join(problems))
 
 
+@dataclass(frozen=True)
+class _CheckpointFiles:
+    """The parsed files of a consolidated directory (the weights memory-mapped, not read)."""
+
+    params: dict
+    state: dict[str, torch.Tensor]
+    value_head: dict | None
+
+    def args(self, **overrides) -> ModelArgs:
+        params = dict(self.params)
+        if params.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in self.state:
+            params["vocab_size"] = self.state["tok_embeddings.weight"].shape[0]
+        if self.value_head is not None:
+            overrides = {**self.value_head["options"], **overrides}
+        return ModelArgs.from_params_json(params, **overrides)
+
+
+def _read_checkpoint(directory: Path) -> _CheckpointFiles:
+    params_path = directory / PARAMS_FILE
+    if not params_path.is_file():
+        raise FileNotFoundError(f"{directory}: no {PARAMS_FILE}")
+    params = json.loads(params_path.read_text())
+    state = torch.load(_weights_path(directory), map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{WEIGHTS_FILE} must hold a dict of tensors, got {type(state).__name__}")
+    state = {key: value for key, value in state.items() if key not in IGNORED_KEYS}
+    value_head_path = directory / VALUE_HEAD_FILE
+    value_head = None
+    if value_head_path.is_file():
+        value_head = torch.load(value_head_path, map_location="cpu", weights_only=True)
+    return _CheckpointFiles(params, state, value_head)
+
+
+def checkpoint_args(directory: str | os.PathLike, **arg_overrides) -> ModelArgs:
+    """The :class:`ModelArgs` of a consolidated checkpoint, exactly as :func:`load_meta_checkpoint` builds
+    them: ``params.json``, ``vocab_size`` from ``tok_embeddings.weight`` when it says -1 (as Llama 2's
+    does), and the value head options saved in ``value_head.pth`` when present.
+
+    Args:
+        directory: holds ``params.json`` and ``consolidated.pth`` (memory-mapped, not read).
+        arg_overrides: :class:`ModelArgs` fields overriding all of the above (``max_seq_len``, ...).
+
+    Returns:
+        The validated arguments.
+    """
+    return _read_checkpoint(Path(directory)).args(**arg_overrides)
+
+
 def load_meta_checkpoint(
     directory: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -108,35 +158,16 @@ def load_meta_checkpoint(
         directory: holds ``params.json`` and ``consolidated.pth``.
         device: where the parameters go.
         dtype: parameter dtype (default: the checkpoint's, e.g. bf16 for Meta's releases).
-        arg_overrides: :class:`ModelArgs` fields overriding ``params.json`` (``max_seq_len``,
-            ``value_head``, ...). ``vocab_size`` is taken from ``tok_embeddings.weight`` when
-            ``params.json`` says -1, as Llama 2's does.
+        arg_overrides: :class:`ModelArgs` fields overriding the checkpoint's (see :func:`checkpoint_args`).
 
     Returns:
         ``(model, args)``; the model is in train mode with every parameter requiring grad.
     """
-    directory = Path(directory)
-    params_path = directory / PARAMS_FILE
-    if not params_path.is_file():
-        raise FileNotFoundError(f"{directory}: no {PARAMS_FILE}")
-    params = json.loads(params_path.read_text())
-    state = torch.load(_weights_path(directory), map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{WEIGHTS_FILE} must hold a dict of tensors, got {type(state).__name__}")
-    state = {key: value for key, value in state.items() if key not in IGNORED_KEYS}
-    if params.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in state:
-        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-
-    value_head_path = directory / VALUE_HEAD_FILE
-    saved_value_head = None
-    if value_head_path.is_file():
-        saved_value_head = torch.load(value_head_path, map_location="cpu", weights_only=True)
-    if saved_value_head is not None:
-        arg_overrides = {**saved_value_head["options"], **arg_overrides}
-    args = ModelArgs.from_params_json(params, **arg_overrides)
-
+    files = _read_checkpoint(Path(directory))
+    args = files.args(**arg_overrides)
     with torch.device("meta"):
         model = MTPTransformer(args)
+    state = files.state
     _check_state_dict(state, _meta_parameter_shapes(model))
     dtype = dtype if dtype is not None else state["tok_embeddings.weight"].dtype
     by_name = {
@@ -147,8 +178,8 @@ def load_meta_checkpoint(
     model.load_state_dict(by_name, strict=False, assign=True)
     model.value_head.to_empty(device=device)
     model.value_head.to(dtype)
-    if saved_value_head is not None:
-        model.value_head.load_state_dict(saved_value_head["state_dict"])
+    if files.value_head is not None:
+        model.value_head.load_state_dict(files.value_head["state_dict"])
     else:
         model.value_head.init_weights()
     return model, args

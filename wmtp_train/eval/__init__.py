@@ -1,0 +1,1 @@
+"""Evaluation: HumanEval pass@k, the critic report, their statistics, and run comparison."""

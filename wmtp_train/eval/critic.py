@@ -1,0 +1,155 @@
+"""The critic report: how well the value head separates correct from incorrect records, its explained
+variance and that variance's ceiling, and the TD weights it gives, on labelled records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wmtp_kernels import WeightingOptions, build_weights, compute_td_errors, last_token_index
+from wmtp_train.data.dataset import LazyJsonlDataset, collate
+from wmtp_train.eval.loading import run_config
+from wmtp_train.eval.metrics import (
+    ev_moments,
+    explained_variance_from_moments,
+    prefix_oracle_explained_variance,
+    roc_auc,
+)
+from wmtp_train.model import MTPTransformer
+
+
+@dataclass(frozen=True)
+class CriticOptions:
+    """How the labelled records are tokenised and weighted: a training run's own settings by default
+    (see :func:`critic_options`)."""
+
+    weighting: WeightingOptions = WeightingOptions()
+    """TD options of the weights (the run's ``[td]`` table)."""
+    max_len: int = 512
+    """Tokens per record (the trainer's truncation policy; the run's ``data.max_len``)."""
+    batch_size: int = 8
+    """Records per forward."""
+    limit: int | None = None
+    """Use only the first ``limit`` records."""
+
+
+def critic_options(
+    checkpoint: str | os.PathLike, weighting: dict[str, Any] | None = None, **overrides: Any
+) -> CriticOptions:
+    """The critic options of the run that wrote ``checkpoint``: its ``[td]`` options and ``data.max_len``
+    from the ``config.toml`` the trainer saved (the defaults of :class:`CriticOptions` when there is none).
+
+    Args:
+        checkpoint: a run directory or its ``export/`` (see :func:`~wmtp_train.eval.loading.run_config`).
+        weighting: :class:`~wmtp_kernels.WeightingOptions` fields that replace the run's.
+        overrides: :class:`CriticOptions` fields that replace the run's (``max_len``, ``limit``, ...).
+
+    Returns:
+        The options.
+    """
+    config = run_config(checkpoint)
+    options = CriticOptions() if config is None else CriticOptions(config.td, max_len=config.data.max_len)
+    if weighting:
+        overrides["weighting"] = dataclasses.replace(options.weighting, **weighting)
+    return dataclasses.replace(options, **overrides)
+
+
+@torch.no_grad()
+def critic_report(
+    model: MTPTransformer,
+    tokenizer,
+    data_path: str | os.PathLike,
+    options: CriticOptions,
+    out_dir: str | os.PathLike,
+) -> dict[str, float]:
+    """Critic quality on labelled records; writes ``critic_records.jsonl`` and ``critic_metrics.json``.
+
+    Metrics: ``auc_last_value`` (ROC AUC of V at each record's last token for correct vs incorrect),
+    ``explained_variance`` (of the reward by V over completion tokens, with the trainer's definition,
+    :func:`~wmtp_train.eval.metrics.explained_variance_from_moments`),
+    ``explained_variance_ceiling`` (the same for the best critic possible on these records,
+    :func:`~wmtp_train.eval.metrics.prefix_oracle_explained_variance`),
+    ``mean_weight_correct`` / ``mean_weight_incorrect`` (mean TD weight of the completion tokens of
+    correct / incorrect records; token x_s gets weight w[s-1], docs/DESIGN.md "Weights"),
+    ``mean_value_correct`` / ``mean_value_incorrect`` (V at the last token).
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        data_path: JSONL records ``{task_id, prompt, completion, is_correct, difficulty}``.
+        options: tokenisation and TD options.
+        out_dir: output directory (created).
+
+    Returns:
+        The metrics.
+    """
+    dataset = LazyJsonlDataset(data_path, tokenizer, options.max_len)
+    n = len(dataset) if options.limit is None else min(options.limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"data_path: {data_path} has no records")
+    device, weighting = model.tok_embeddings.weight.device, options.weighting
+    rows, oracle_records, moments = [], [], torch.zeros(5, dtype=torch.float64)
+    weight_sums = {True: [0.0, 0], False: [0.0, 0]}  # label -> [sum of weights, token count]
+    for start in range(0, n, options.batch_size):
+        samples = [dataset[i] for i in range(start, min(start + options.batch_size, n))]
+        oracle_records.extend((sample.input_ids, sample.n_context, sample.reward) for sample in samples)
+        batch = collate(samples, tokenizer.pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        values = model.trunk_forward(ids, mask).values.squeeze(-1).float().cpu()
+        rewards, completion = batch["rewards"].float(), batch["loss_mask"].bool()
+        mask = mask.cpu()
+        last = last_token_index(mask)
+        td = compute_td_errors(values, rewards, mask, weighting.gamma, weighting.terminal)
+        weights = build_weights(td, weighting.beta, weighting.min_weight, weighting.max_weight)
+        # The weight of token x_s is weights[s - 1]: shift right by one.
+        token_weights = torch.nn.functional.pad(weights[:, :-1], (1, 0))
+        moments += ev_moments(values, rewards, completion)
+        for b in range(values.shape[0]):
+            correct = bool(rewards[b] > 0.5)
+            w = token_weights[b][completion[b]]
+            weight_sums[correct][0] += float(w.sum())
+            weight_sums[correct][1] += int(w.numel())
+            rows.append(
+                {
+                    "task_id": batch["task_ids"][b],
+                    "is_correct": correct,
+                    "value_last": float(values[b, last[b]]),
+                    "mean_weight": float(w.mean()) if w.numel() else math.nan,
+                    "n_completion_tokens": int(w.numel()),
+                }
+            )
+    labels = [r["is_correct"] for r in rows]
+    last_values = [r["value_last"] for r in rows]
+
+    def mean_where(flag: bool) -> float:
+        picked = [v for v, y in zip(last_values, labels) if y == flag]
+        return float(sum(picked) / len(picked)) if picked else math.nan
+
+    metrics = {
+        "n_records": len(rows),
+        "n_correct": sum(labels),
+        "auc_last_value": roc_auc(last_values, labels),
+        "explained_variance": explained_variance_from_moments(moments),
+        "explained_variance_ceiling": prefix_oracle_explained_variance(oracle_records),
+        "mean_weight_correct": _ratio(*weight_sums[True]),
+        "mean_weight_incorrect": _ratio(*weight_sums[False]),
+        "mean_value_correct": mean_where(True),
+        "mean_value_incorrect": mean_where(False),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "critic_records.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (out / "critic_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _ratio(total: float, count: int) -> float:
+    return total / count if count else math.nan

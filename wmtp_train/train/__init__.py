@@ -1,0 +1,1 @@
+"""Training: the trainer, its stages and token-weighting recipes, checkpoints, parallelism, tracking."""

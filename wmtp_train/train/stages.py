@@ -1,0 +1,206 @@
+"""The trainer's stages (docs/DESIGN.md, "Trainer stages"): stage 1 pre-trains the critic on the trunk,
+stage 2 trains the weighted multi-token loss (plus the clipped value loss). Both are
+:class:`~wmtp_train.train.step.Stage` subclasses: what they train, what they sample, and the loss of a
+micro-batch.
+
+V_old for stage 2's clipped value loss: a frozen copy of the value head, refreshed every
+``stage2.value_snapshot_every`` steps, applied to the detached trunk states the model returns for the
+current forward pass. Clipping then bounds how far V may move from the lagged critic within one snapshot
+period. The copy is saved in checkpoints so resume is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from wmtp_kernels import value_loss
+from wmtp_train.config import Stage1Config, Stage2Config
+from wmtp_train.data.index import OffsetIndex
+from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler
+from wmtp_train.model import LossOptions, ValueHead
+from wmtp_train.train.metrics import ReducedStep, StepStats, prediction_counts
+from wmtp_train.train.parallelize import full_tensor
+from wmtp_train.train.step import Counts, Stage, StageContext, StepResult
+from wmtp_train.train.weighting import TokenWeighting
+
+
+class CriticStage(Stage):
+    """Stage 1: regress the value head onto the reward over the completion tokens (``trunk_forward``:
+    no head block, no unembedding), on a 50/50 correct / incorrect sampler. The trunk is frozen unless
+    ``stage1.unfreeze_trunk``."""
+
+    name = "stage1"
+    loss_key = "value_loss"
+    trains_critic = True
+
+    @property
+    def settings(self) -> Stage1Config:
+        """``config.stage1``."""
+        return self.ctx.config.stage1
+
+    def select_parameters(self) -> None:
+        """The value head; with ``unfreeze_trunk`` also the embedding and the trunk blocks."""
+        model = self.ctx.model
+        model.requires_grad_(False)
+        model.value_head.requires_grad_(True)
+        if self.settings.unfreeze_trunk:
+            model.tok_embeddings.requires_grad_(True)
+            for block in model.layers[:-1]:
+                block.requires_grad_(True)
+
+    def make_sampler(self, index: OffsetIndex) -> BalancedSampler:
+        """A :class:`~wmtp_train.data.samplers.BalancedSampler` seeded with ``run.seed``."""
+        info = self.ctx.info
+        return BalancedSampler(
+            index.is_correct,
+            index.difficulty,
+            seed=self.ctx.config.run.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+
+    def counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """No predictions; the completion and real tokens."""
+        value_tokens, tokens = batch["loss_mask"].sum(), batch["attention_mask"].sum()
+        return torch.stack([torch.zeros_like(tokens), value_tokens, tokens]).double().cpu()
+
+    def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
+        """The value loss of the micro-batch's completion tokens over the step's value-token count."""
+        cfg = self.settings
+        out = self.ctx.model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+        loss = value_loss(
+            out.values.float(),
+            batch["rewards"],
+            batch["loss_mask"],
+            loss_type=cfg.value_loss,
+            huber_delta=cfg.huber_delta,
+        )
+        stats.add_critic(out.values, batch["rewards"], batch["loss_mask"])
+        return loss * batch["loss_mask"].sum() / max(counts.value_tokens, 1)
+
+    def metrics(self, reduced: ReducedStep) -> dict[str, float]:
+        """``value_loss``."""
+        return {"value_loss": reduced.sums["value_loss"]}
+
+
+class WeightedMTPStage(Stage):
+    """Stage 2: the weighted MTP loss with the token weights of a :class:`TokenWeighting` recipe, plus
+    ``value_coef`` times the clipped value loss, on the difficulty curriculum.
+
+    Args:
+        ctx: the run's model, configuration and counters.
+        weighting: the token-weighting recipe.
+    """
+
+    name = "stage2"
+    loss_key = "total_loss"
+
+    def __init__(self, ctx: StageContext, weighting: TokenWeighting):
+        super().__init__(ctx)
+        self.weighting = weighting
+        self.loss_options = LossOptions(
+            ctx.config.td,
+            reduction="sum",
+            return_stats=True,
+            implementation=self.settings.loss_impl,
+            check_finite=ctx.config.numerics.check_finite,
+        )
+        self.value_snapshot: ValueHead | None = None
+
+    @property
+    def settings(self) -> Stage2Config:
+        """``config.stage2``."""
+        return self.ctx.config.stage2
+
+    @property
+    def trains_critic(self) -> bool:
+        """When ``value_coef > 0``."""
+        return self.settings.value_coef > 0
+
+    def select_parameters(self) -> None:
+        """Everything; the value head only when it is trained (``value_coef > 0``)."""
+        self.ctx.model.requires_grad_(True)
+        self.ctx.model.value_head.requires_grad_(self.trains_critic)
+
+    def setup(self, index: OffsetIndex) -> None:
+        """As :meth:`Stage.setup`, plus the value-head snapshot V_old."""
+        super().setup(index)
+        self.value_snapshot = ValueHead(self.ctx.args).to(self.ctx.info.device)
+        self.value_snapshot.requires_grad_(False)
+        self._refresh_snapshot()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """As :meth:`Stage.checkpoint_state`, plus the value-head snapshot."""
+        return {**super().checkpoint_state(), "value_snapshot": self.value_snapshot}
+
+    def make_sampler(self, index: OffsetIndex) -> CurriculumSampler:
+        """A :class:`~wmtp_train.data.samplers.CurriculumSampler` over the recipe's records."""
+        cfg, info = self.settings, self.ctx.info
+        self.records = self.weighting.records(index)
+        difficulty = index.difficulty if self.records is None else index.difficulty[self.records]
+        return CurriculumSampler(
+            difficulty,
+            total_steps=cfg.steps,
+            global_batch_size=cfg.micro_batch_size * cfg.grad_accum * info.world_size,
+            seed=self.ctx.config.run.seed + 1,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+
+    def _refresh_snapshot(self) -> None:
+        full = {name: full_tensor(p.detach()) for name, p in self.ctx.model.value_head.named_parameters()}
+        self.value_snapshot.load_state_dict({k: v.float() for k, v in full.items()})
+
+    def step(self, batches: list[dict[str, Any]]) -> StepResult:
+        """As :meth:`Stage.step`, refreshing V_old first every ``value_snapshot_every`` stage steps."""
+        if self.ctx.state.stage_step % self.settings.value_snapshot_every == 0:
+            self._refresh_snapshot()
+        return super().step(batches)
+
+    def counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Valid predictions of all heads, completion tokens and real tokens."""
+        predictions = prediction_counts(
+            batch["labels"], batch["attention_mask"], self.ctx.args.n_future_tokens
+        )
+        value_tokens, tokens = batch["loss_mask"].sum().cpu(), batch["attention_mask"].sum().cpu()
+        return torch.stack([predictions.sum(), value_tokens.double(), tokens.double()])
+
+    def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
+        """``sum of weighted CE / N + value_coef * value loss * (this micro-batch's share of M)``."""
+        cfg, model = self.settings, self.ctx.model
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            **self.weighting.loss_inputs(model, batch),
+            loss_options=self.loss_options,
+        )
+        mtp = out.loss / max(counts.predictions, 1)
+        total, critic = mtp, torch.zeros((), device=mtp.device)
+        if self.trains_critic:
+            with torch.no_grad():
+                old = self.value_snapshot(out.trunk.detach().float())
+            critic = value_loss(
+                out.values.float(),
+                batch["rewards"],
+                batch["loss_mask"],
+                old_values=old,
+                clip_range=cfg.clip_range or None,
+                loss_type=cfg.value_loss,
+                huber_delta=cfg.huber_delta,
+            ) * (batch["loss_mask"].sum() / max(counts.value_tokens, 1))
+            total = mtp + cfg.value_coef * critic
+        stats.add(mtp_loss=mtp.detach(), value_loss=critic.detach())
+        stats.add_critic(out.values, batch["rewards"], batch["loss_mask"])
+        n_heads = self.ctx.args.n_future_tokens
+        stats.add_loss_stats(out.stats, prediction_counts(batch["labels"], batch["attention_mask"], n_heads))
+        return total
+
+    def metrics(self, reduced: ReducedStep) -> dict[str, float]:
+        """``mtp_loss``, ``total_loss``, ``value_loss`` (when trained) and the pooled loss statistics."""
+        metrics = {"mtp_loss": reduced.sums["mtp_loss"], "total_loss": reduced.sums["total_loss"]}
+        if self.trains_critic:
+            metrics["value_loss"] = reduced.sums["value_loss"]
+        return metrics | reduced.loss_stats
