@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from wmtp_kernels import reference
 from wmtp_kernels._rows import RowLayout, TDRowInputs, gather_row_weights, td_row_inputs
 from wmtp_kernels.options import WeightingOptions
+from wmtp_kernels.td_weights import td_weight_grads
 
 IMPLS = ("triton", "torch")
 
@@ -159,8 +159,8 @@ def token_weight_grads(
     """Gradients to ``weights`` / ``values`` / ``rewards`` from d(loss)/d(weight of each row).
 
     Rows sharing a token weight ``(b, j)`` are summed into a ``[B, T]`` gradient; for critic values it
-    is chained through the reference TD errors and clipped exponential weights by a small ``[B, T]``
-    autograd computation in the dtype of ``dloss_drow_weight``.
+    is chained through the TD errors and clipped weights by :func:`wmtp_kernels.td_weights.td_weight_grads`
+    in the dtype of ``dloss_drow_weight``.
 
     Args:
         layout: The row layout.
@@ -185,15 +185,9 @@ def token_weight_grads(
     per_token = per_token.view(layout.batch, layout.seq)
     if weights is not None:
         return per_token.to(weights.dtype), None, None
-    v = values.detach().to(dtype).reshape(layout.batch, layout.seq).requires_grad_(needs[1])
-    r = rewards.detach().to(dtype).requires_grad_(needs[2])
-    with torch.enable_grad():
-        td = reference.compute_td_errors(v, r, attention_mask, weighting.gamma, weighting.terminal)
-        w = reference.build_weights(td, weighting.beta, weighting.min_weight, weighting.max_weight)
-        inputs = [t for t, need in ((v, needs[1]), (r, needs[2])) if need]
-        grads = iter(torch.autograd.grad(w, inputs, per_token))
-    d_values = next(grads).to(values.dtype).reshape(values.shape) if needs[1] else None
-    d_rewards = next(grads).to(rewards.dtype) if needs[2] else None
+    d_values, d_rewards = td_weight_grads(per_token, values, rewards, attention_mask, weighting)
+    d_values = d_values.to(values.dtype).reshape(values.shape) if needs[1] else None
+    d_rewards = d_rewards.to(rewards.dtype) if needs[2] else None
     return None, d_values, d_rewards
 
 
@@ -255,50 +249,3 @@ def head_ce_sums(layout: RowLayout, rows: torch.Tensor, ce: torch.Tensor) -> tor
     """
     sums = torch.zeros(layout.heads, dtype=torch.float64, device=ce.device)
     return sums.index_add_(0, layout.head_of(rows), ce.double())
-
-
-def loss_stats(
-    layout: RowLayout,
-    ce_sums: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    weights: torch.Tensor | None,
-    values: torch.Tensor | None,
-    rewards: torch.Tensor | None,
-    weighting: WeightingOptions,
-    ignore_index: int,
-) -> dict[str, float]:
-    """The statistics of ``return_stats=True``, with the keys and definitions of the reference.
-
-    Per-head mean cross-entropy comes from this pass's ``ce_sums``; weight and TD statistics from the
-    ``[B, T]`` weights (rebuilt with the reference functions when values are given: ``O(B * T)``).
-
-    Args:
-        layout: The row layout.
-        ce_sums: ``[H]`` per-head sums of the unweighted cross-entropy.
-        labels: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        weights: ``[B, T]`` token weights or ``None``.
-        values: Critic values or ``None``.
-        rewards: Rewards or ``None``.
-        weighting: TD and weighting options.
-        ignore_index: Label value excluded from the loss.
-
-    Returns:
-        ``{"ce_head1", ..., "weight_mean", ..., "td_mean", ...}`` as floats (``td_*`` only with values).
-    """
-    like = torch.empty(layout.batch, layout.seq, dtype=torch.float32, device=labels.device)
-    with torch.no_grad():
-        token_weights, td = reference.resolve_token_weights(
-            weights, values, rewards, attention_mask, like, weighting
-        )
-    counts = layout.head_counts
-    stats = {
-        f"ce_head{k}": (ce_sums[k - 1] / counts[k - 1].clamp(min=1)).item()
-        for k in range(1, layout.heads + 1)
-    }
-    applied = reference.applied_weight_mask(labels, attention_mask, ignore_index)
-    stats.update(reference.compute_weight_stats(token_weights, applied))
-    if td is not None:
-        stats.update(reference.compute_td_stats(td, applied))
-    return stats

@@ -24,7 +24,6 @@ from wmtp_kernels._common import (
     check_chunk_size,
     check_same_device,
     head_ce_sums,
-    loss_stats,
     resolve_impl,
     row_weights,
     token_weight_grads,
@@ -33,8 +32,8 @@ from wmtp_kernels._common import (
 from wmtp_kernels._rows import build_row_layout, compute_dtype, row_scale
 from wmtp_kernels._validation import check_logits_inputs
 from wmtp_kernels.mtp_loss import default_chunk_rows
-from wmtp_kernels.options import WeightingOptions
-from wmtp_kernels.reference import IGNORE_INDEX
+from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
+from wmtp_kernels.stats import loss_stats
 
 
 class _WeightedMTPCrossEntropy(torch.autograd.Function):
@@ -190,7 +189,6 @@ def weighted_mtp_cross_entropy(
     if not return_stats:
         return loss
     layout = build_row_layout(labels, attention_mask, logits.shape[2], ignore_index)
-    stats = loss_stats(
-        layout, ce_sums, labels, attention_mask, weights, values, rewards, weighting, ignore_index
-    )
+    head_ce = ce_sums / layout.head_counts.clamp(min=1)
+    stats = loss_stats(head_ce, labels, attention_mask, weights, values, rewards, weighting, ignore_index)
     return loss, stats

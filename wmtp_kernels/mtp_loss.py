@@ -42,7 +42,6 @@ from wmtp_kernels._common import (
     check_chunk_size,
     check_same_device,
     head_ce_sums,
-    loss_stats,
     resolve_impl,
     row_weights,
     token_weight_grads,
@@ -50,8 +49,8 @@ from wmtp_kernels._common import (
 )
 from wmtp_kernels._rows import build_row_layout, compute_dtype, row_scale
 from wmtp_kernels._validation import check_hidden_inputs
-from wmtp_kernels.options import WeightingOptions
-from wmtp_kernels.reference import IGNORE_INDEX
+from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
+from wmtp_kernels.stats import loss_stats
 
 # Bytes of the [C, V] logits chunk by default. CPU: 64 MiB is 512 float32 rows at V = 32000 (measured
 # within a few % of the 3-GEMM floor, see benchmarks/RESULTS.md), under a tenth of the naive
@@ -353,9 +352,8 @@ def fused_weighted_mtp_loss(
     if not return_stats:
         return loss
     layout = build_row_layout(labels, attention_mask, hidden.shape[2], ignore_index)
-    stats = loss_stats(
-        layout, ce_sums, labels, attention_mask, weights, values, rewards, weighting, ignore_index
-    )
+    head_ce = ce_sums / layout.head_counts.clamp(min=1)
+    stats = loss_stats(head_ce, labels, attention_mask, weights, values, rewards, weighting, ignore_index)
     return loss, stats
 
 
