@@ -40,6 +40,33 @@ class LossOptions:
     grad_flags: tuple[bool, ...]
 
 
+def weighting_options(options: WeightingOptions | None, **scalars: float | str | None) -> WeightingOptions:
+    """The weighting of one call: ``options``, or the scalar keywords (``None`` = the default).
+
+    Args:
+        options: A :class:`WeightingOptions`, or ``None``.
+        **scalars: ``gamma``, ``beta``, ``min_weight``, ``max_weight``, ``terminal`` as passed.
+
+    Returns:
+        The options.
+
+    Raises:
+        ValueError: both ``options`` and a scalar keyword given, or invalid values.
+        TypeError: ``options`` is not a :class:`WeightingOptions`.
+    """
+    given = {name: value for name, value in scalars.items() if value is not None}
+    if options is None:
+        return WeightingOptions(**given)
+    if not isinstance(options, WeightingOptions):
+        raise TypeError(f"options must be a WeightingOptions or None, got {type(options).__name__}")
+    if given:
+        raise ValueError(
+            f"pass the weighting either as options=WeightingOptions(...) or as keywords, not both "
+            f"(got options and {sorted(given)})"
+        )
+    return options
+
+
 def resolve_impl(impl: str | None, device: torch.device) -> str:
     """The backend for tensors on ``device``: ``impl``, or Triton on CUDA and torch elsewhere.
 
@@ -189,51 +216,6 @@ def token_weight_grads(
     d_values = d_values.to(values.dtype).reshape(values.shape) if needs[1] else None
     d_rewards = d_rewards.to(rewards.dtype) if needs[2] else None
     return None, d_values, d_rewards
-
-
-class StoredGrads:
-    """Gradients computed in the forward pass, handed to autograd by ``backward``.
-
-    The large ones (hidden, weight, bias, logits) are released on the first backward, so that nothing
-    but autograd references them and it takes them over without a copy (SPEC §4); they are scaled in
-    place by the incoming gradient. The small ``[B, T]`` ones (token weights, values, rewards) stay, so
-    a second backward through a retained graph (e.g. ``gradcheck``) works when only they are needed.
-
-    Args:
-        large: Large gradients (or ``None`` entries).
-        small: Small gradients (or ``None`` entries).
-    """
-
-    def __init__(self, large: list[torch.Tensor | None], small: list[torch.Tensor | None]) -> None:
-        self.large: list[torch.Tensor | None] | None = large
-        self.small = small
-        self.needs_large = any(g is not None for g in large)
-        self.n_large = len(large)
-
-    def release(self, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-        """All gradients times ``grad_output`` (a scalar), large ones handed over.
-
-        Args:
-            grad_output: The incoming gradient of the scalar loss.
-
-        Returns:
-            ``large + small`` gradients.
-        """
-        if self.large is None:
-            if self.needs_large:
-                raise RuntimeError(
-                    "the fused WMTP loss computes its gradients in the forward pass and hands them over "
-                    "on the first backward; to backpropagate again, compute the loss again"
-                )
-            large = [None] * self.n_large
-        else:
-            large, self.large = self.large, None
-            if bool(grad_output != 1):
-                for g in large:
-                    if g is not None:
-                        g.mul_(grad_output.to(g.dtype))
-        small = [None if g is None else g * grad_output.to(g.dtype) for g in self.small]
-        return large + small
 
 
 def head_ce_sums(layout: RowLayout, rows: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:

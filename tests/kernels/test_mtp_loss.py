@@ -9,7 +9,12 @@ import pytest
 import torch
 from _compare import assert_no_worse
 
-from wmtp_kernels import FusedWeightedMTPLoss, fused_weighted_mtp_loss
+from wmtp_kernels import (
+    FusedWeightedMTPLoss,
+    WeightingOptions,
+    fused_weighted_mtp_loss,
+    weighted_mtp_cross_entropy,
+)
 from wmtp_kernels import reference as ref
 
 IMPLS = ["torch", "triton"]
@@ -265,3 +270,45 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         fused_weighted_mtp_loss(
             torch.randn(1, 3, 2, 4), torch.randn(5, 4), torch.zeros(1, 3, dtype=torch.long), impl="triton"
         )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_row_layout_is_built_once_per_call_stats_included(monkeypatch, reduction):
+    import wmtp_kernels._autograd as skeleton
+
+    calls = []
+    original = skeleton.build_row_layout
+    monkeypatch.setattr(skeleton, "build_row_layout", lambda *a, **k: calls.append(1) or original(*a, **k))
+    case = make_case(source="values")
+    fused_weighted_mtp_loss(**case, reduction=reduction, return_stats=True)
+    logits = torch.randn(3, 7, 4, 11)
+    weighted_mtp_cross_entropy(
+        logits,
+        case["labels"] % 11,
+        values=case["values"],
+        rewards=case["rewards"],
+        reduction=reduction,
+        return_stats=True,
+    )
+    assert len(calls) == 2
+
+
+def test_weighting_options_object_equals_keywords():
+    case = make_case(source="values")
+    keywords = {
+        "gamma": 0.9,
+        "beta": 0.5,
+        "min_weight": 0.3,
+        "max_weight": 2.0,
+        "terminal": "last_transition",
+    }
+    expected = fused_weighted_mtp_loss(**case, **keywords)
+    options = WeightingOptions(**keywords)
+    torch.testing.assert_close(fused_weighted_mtp_loss(**case, options=options), expected)
+    module = FusedWeightedMTPLoss(options=options)
+    torch.testing.assert_close(module(**case), expected)
+    assert "last_transition" in repr(module)
+    with pytest.raises(ValueError, match="not both"):
+        fused_weighted_mtp_loss(**case, options=options, beta=0.5)
+    with pytest.raises(TypeError, match="WeightingOptions"):
+        fused_weighted_mtp_loss(**case, options={"beta": 0.5})
