@@ -312,3 +312,30 @@ def test_weighting_options_object_equals_keywords():
         fused_weighted_mtp_loss(**case, options=options, beta=0.5)
     with pytest.raises(TypeError, match="WeightingOptions"):
         fused_weighted_mtp_loss(**case, options={"beta": 0.5})
+
+
+def test_none_reduction_keeps_a_float32_bias_gradient_with_bfloat16_hidden():
+    """reduction='none' computes the bias gradient in backward; it must not be rounded to bfloat16.
+
+    With unit incoming gradients, 'none' and 'sum' accumulate the same float32 bias gradient.
+    """
+    case = make_case(B=2, T=6, H=2, d=8, V=40, bias=True, source="weights")
+    grads = {}
+    for reduction in ("sum", "none"):
+        hidden = case["hidden"].bfloat16().requires_grad_()
+        weight = case["lm_head_weight"].bfloat16().requires_grad_()
+        bias = case["lm_head_bias"].float().requires_grad_()
+        loss = fused_weighted_mtp_loss(
+            hidden,
+            weight,
+            case["labels"],
+            case["attention_mask"],
+            weights=case["weights"].float(),
+            lm_head_bias=bias,
+            reduction=reduction,
+            chunk_size=5,
+        )
+        loss.backward(torch.ones_like(loss))
+        grads[reduction] = bias.grad
+    assert grads["none"].dtype == torch.float32
+    torch.testing.assert_close(grads["none"], grads["sum"], rtol=1e-6, atol=1e-7)
