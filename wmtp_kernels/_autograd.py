@@ -61,6 +61,7 @@ def plan_loss(
     options: LossOptions,
     dtype: torch.dtype,
     compact: bool,
+    target_counts: torch.Tensor | None = None,
 ) -> LossPlan:
     """The :class:`LossPlan` of one call.
 
@@ -74,13 +75,14 @@ def plan_loss(
         options: Loss options.
         dtype: Dtype of per-row quantities.
         compact: Process only the valid rows (linear-fused) rather than all ``N`` (logits).
+        target_counts: ``[H]`` per-head counts that ``mean`` divides by, or ``None`` (this batch's).
 
     Returns:
         The plan.
     """
     layout = build_row_layout(labels, attention_mask, heads, options.ignore_index)
     rows = layout.valid_rows() if compact else torch.arange(layout.n_rows, device=labels.device)
-    scale = row_scale(layout, options.reduction, dtype)[rows]
+    scale = row_scale(layout, options.reduction, dtype, target_counts)[rows]
     source = row_weights(layout, rows, weights, values, rewards, attention_mask, options.weighting, dtype)
     return LossPlan(layout, rows, layout.targets[rows], scale, source)
 
@@ -115,13 +117,13 @@ def forward_outputs(
     layout, rows = plan.layout, plan.rows
     head_ce = head_ce_sums(layout, rows, ce) / layout.head_counts.clamp(min=1)
     weighted = ce * row_weight
-    if options.reduction == "none":
-        full = ce.new_zeros(3, layout.n_rows)
-        for i, per_row in enumerate((weighted, ce, row_weight)):
-            full[i].index_copy_(0, rows, per_row)
-        loss = full[0].view(layout.batch, layout.seq, layout.heads)
+    if options.reduction == "none":  # separate tensors: outputs of a custom operator may not alias
+        loss, row_ce, row_w = (
+            ce.new_zeros(layout.n_rows).index_copy_(0, rows, x) for x in (weighted, ce, row_weight)
+        )
+        loss = loss.view(layout.batch, layout.seq, layout.heads)
         large = [_empty(ce) if g is None else g for g in large_grads]
-        return (loss, head_ce, full[1], full[2], *large, *[_empty(ce)] * N_TOKEN_INPUTS)
+        return (loss, head_ce, row_ce, row_w, *large, *(_empty(ce) for _ in range(N_TOKEN_INPUTS)))
     token_grads = token_weight_grads(
         layout,
         rows,
@@ -247,6 +249,16 @@ def backward(ctx, grad_loss: torch.Tensor, *_grad_non_differentiable) -> tuple[t
 
     Returns:
         One gradient (or ``None``) per forward input.
+
+    Raises:
+        RuntimeError: ``create_graph=True``: the gradients were computed without a graph of their own.
     """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused WMTP loss does not support second-order gradients (backward with "
+            "create_graph=True, or torch.autograd.grad(..., create_graph=True)): its gradients are "
+            "computed in the forward pass without a graph; use wmtp_kernels.reference for higher-order "
+            "derivatives"
+        )
     grads = ctx.grads.release(grad_loss) if ctx.replay is None else ctx.replay(ctx, grad_loss)
     return (*grads, *[None] * (ctx.n_inputs - len(grads)))

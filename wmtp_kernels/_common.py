@@ -21,7 +21,7 @@ ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Options of one loss call, passed to ``Function.apply`` as one object.
+    """Options of one loss call, passed to the autograd function / custom operator as one object.
 
     Attributes:
         weighting: TD and weighting options.
@@ -30,6 +30,7 @@ class LossOptions:
         impl: Resolved backend, ``"torch"`` or ``"triton"``.
         chunk_rows: Rows per chunk, or ``None`` for the memory-budget default.
         grad_flags: Which differentiable inputs need a gradient, in the order of the Function's inputs.
+        check_finite: Check the floating-point inputs for NaN / Inf (inside the operator).
     """
 
     weighting: WeightingOptions
@@ -38,6 +39,31 @@ class LossOptions:
     impl: str
     chunk_rows: int | None
     grad_flags: tuple[bool, ...]
+    check_finite: bool = False
+
+    def op_args(self) -> tuple:
+        """The options as the scalar arguments of the custom operator (see :meth:`from_op_args`)."""
+        w = self.weighting
+        return (
+            float(w.gamma),
+            float(w.beta),
+            float(w.min_weight),
+            float(w.max_weight),
+            w.terminal,
+            int(self.ignore_index),
+            self.reduction,
+            self.impl,
+            self.chunk_rows or 0,
+            list(self.grad_flags),
+            bool(self.check_finite),
+        )
+
+    @classmethod
+    def from_op_args(cls, *args) -> LossOptions:
+        """Inverse of :meth:`op_args`."""
+        ignore_index, reduction, impl, rows, flags, finite = args[5:]
+        weighting = WeightingOptions(*args[:5])  # gamma, beta, min_weight, max_weight, terminal
+        return cls(weighting, ignore_index, reduction, impl, rows or None, tuple(flags), finite)
 
 
 def weighting_options(options: WeightingOptions | None, **scalars: float | str | None) -> WeightingOptions:

@@ -3,13 +3,13 @@
 The logits are never materialised: the valid rows (``N_valid <= B * T * H``; invalid rows cost nothing)
 are processed in chunks of ``C`` rows, and for each chunk
 
-    logits = h_c @ W.T (+ b)        (into one reusable [C, V] buffer, input dtype)
+    logits = h_c @ W.T (+ b)        (into one reusable [C, V] buffer, dtype of W)
     chunk primitive, in place       (ce, row weight, logits <- d loss / d logits)
     dh_c   = G @ W                  (written to the rows of the hidden gradient)
     dW    += G.T @ h_c              (addmm_ into the weight gradient)
     db    += G.sum(0)
 
-Memory beyond inputs and gradients: one ``[C, V]`` chunk of logits in the input dtype, three ``[C, d]``
+Memory beyond inputs and gradients: one ``[C, V]`` chunk of logits in the weight's dtype, three ``[C, d]``
 buffers, ``O(N)`` row data and an ``[V]`` float32 bias accumulator. The weight gradient accumulates
 in the weight's dtype (as Liger-Kernel does): for bfloat16 it is rounded once per chunk, which the
 large default chunks keep to a few roundings; a float32 accumulator would cost ``4 V d`` bytes.
@@ -44,7 +44,7 @@ def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
 
     Args:
         vocab: V.
-        itemsize: Bytes per logit (the input dtype's).
+        itemsize: Bytes per logit (the dtype of the chunk).
         device_type: ``"cpu"``, ``"cuda"``, ...
 
     Returns:
@@ -96,9 +96,16 @@ def linear_pass(
     chunk_rows: int,
     need: tuple[bool, bool, bool],
 ) -> PassResult:
-    """One chunked pass over the given rows; gradients for the ``need``-ed of (hidden, weight, bias)."""
+    """One chunked pass over the given rows; gradients for the ``need``-ed of (hidden, weight, bias).
+
+    The chunks are computed in the weight's dtype: with a float32 weight and bfloat16 / float16 hidden
+    states (autocast), each chunk of hidden rows is cast up as it is gathered, the weight is never
+    copied, its gradient accumulates in float32, and the hidden gradient is rounded once per row. The
+    caller casts ``bias`` to the weight's dtype.
+    """
     n_valid, (n_all, dim), vocab = rows.numel(), hidden2d.shape, weight.shape[0]
-    device, dtype = hidden2d.device, hidden2d.dtype
+    device, dtype = hidden2d.device, weight.dtype
+    mixed = hidden2d.dtype != dtype
     step = balanced_chunk_rows(n_valid, chunk_rows)
     width = min(step, max(n_valid, 1))
     logits_buf = torch.empty(width, vocab, dtype=dtype, device=device)
@@ -107,7 +114,7 @@ def linear_pass(
     hs_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[1] else None
     grad_hidden = _zero_except(n_all, dim, rows, hidden2d) if need[0] else None
     # The first chunk writes the weight gradient (beta = 0), saving a zero-fill pass over [V, d].
-    grad_weight = (torch.empty_like if n_valid else torch.zeros_like)(weight) if need[1] else None
+    grad_weight = (weight.new_empty if n_valid else weight.new_zeros)(weight.shape) if need[1] else None
     grad_bias = torch.zeros(vocab, dtype=scale.dtype, device=device) if need[2] else None
     ce = torch.empty(n_valid, dtype=scale.dtype, device=device)
     row_weight = torch.empty_like(ce)
@@ -118,7 +125,10 @@ def linear_pass(
         part = slice(start, min(start + step, n_valid))
         idx = rows[part]
         c = idx.numel()
-        h_c = torch.index_select(hidden2d, 0, idx, out=h_buf[:c])
+        if mixed:  # noqa: SIM108 (cast the chunk's rows up to the weight's dtype as they are gathered)
+            h_c = h_buf[:c].copy_(hidden2d[idx])
+        else:
+            h_c = torch.index_select(hidden2d, 0, idx, out=h_buf[:c])
         logits = logits_buf[:c]
         if bias is None:
             torch.mm(h_c, w_t, out=logits)
@@ -148,5 +158,5 @@ def linear_pass(
             dh_c = torch.mm(logits, weight, out=dh_buf[:c])
             if coef is not None:
                 dh_c.mul_(coef[:, None])
-            grad_hidden.index_copy_(0, idx, dh_c)
+            grad_hidden.index_copy_(0, idx, dh_c.to(grad_hidden.dtype))
     return PassResult(ce, row_weight, grad_hidden, grad_weight, grad_bias)

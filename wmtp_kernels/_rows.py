@@ -145,7 +145,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_scale(layout: RowLayout, reduction: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def row_scale(
+    layout: RowLayout,
+    reduction: str,
+    dtype: torch.dtype = torch.float32,
+    target_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row loss scale: ``valid / (H * max(count_k, 1))`` for ``mean``, ``valid`` otherwise.
 
     Args:
@@ -153,13 +158,16 @@ def row_scale(layout: RowLayout, reduction: str, dtype: torch.dtype = torch.floa
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``none`` uses unit scales; the caller multiplies
             by the incoming per-row gradient).
         dtype: Result dtype.
+        target_counts: ``[H]`` counts ``count_k`` that ``mean`` divides by (e.g. of a whole accumulated
+            batch), or ``None`` for this batch's own ``layout.head_counts``.
 
     Returns:
         ``[N]`` scales, zero on invalid rows.
     """
     scale = layout.valid.to(dtype)
     if reduction == "mean":
-        per_head = 1.0 / (layout.heads * layout.head_counts.clamp(min=1).to(dtype))
+        counts = layout.head_counts if target_counts is None else target_counts
+        per_head = 1.0 / (layout.heads * counts.to(dtype).clamp(min=1))
         scale = scale * per_head.repeat(layout.batch * layout.seq)
     return scale
 

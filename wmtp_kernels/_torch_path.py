@@ -25,13 +25,12 @@ from collections.abc import Callable
 import torch
 
 from wmtp_kernels._rows import TDRowInputs, td_row_weights
+from wmtp_kernels._validation import LOW_PRECISION
 
 # p[target] below this is too close to the float32 underflow for -log(p) to be accurate (~69 nats).
 _TINY_PROB = 1e-30
 # float32 working set of the low-precision path: rows are converted in blocks of about this many bytes.
 _LOW_PRECISION_BLOCK_BYTES = 8 * 2**20
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 RawRows = Callable[[torch.Tensor], torch.Tensor]
 

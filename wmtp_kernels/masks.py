@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wmtp_kernels._validation import batch_and_seq, check_labels, check_mask
 from wmtp_kernels.options import IGNORE_INDEX
 
 
@@ -70,3 +71,35 @@ def applied_weight_mask(
         ``[B, T]`` bool (the last column is always False).
     """
     return F.pad(head_valid_mask(labels, attention_mask, 1, ignore_index), (0, 1), value=False)
+
+
+def count_mtp_targets(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    n_heads: int = 1,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Number of valid predictions of each head: what ``reduction="mean"`` divides head k's sum by.
+
+    For exact normalisation over several micro-batches (gradient accumulation) or ranks, sum these
+    counts over all of them (``all_reduce`` across ranks) and pass the total as ``target_counts`` to
+    every call; the accumulated gradient then equals the one of the single big batch (the
+    ``num_items_in_batch`` pattern of Hugging Face, per head).
+
+    Args:
+        labels: ``[B, T]`` integer token ids.
+        attention_mask: ``[B, T]`` mask or ``None`` (all real).
+        n_heads: H, the number of future-token heads.
+        ignore_index: Label value excluded from the loss.
+
+    Returns:
+        ``[H]`` int64 counts on the device of ``labels`` (no host synchronisation).
+    """
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    batch, seq = batch_and_seq("labels", labels)
+    check_labels(labels, batch, seq)
+    check_mask(attention_mask, batch, seq)
+    return torch.stack(
+        [head_valid_mask(labels, attention_mask, k, ignore_index).sum() for k in range(1, n_heads + 1)]
+    )

@@ -151,7 +151,7 @@ def weighted_mtp_cross_entropy(
         options: The weighting as one :class:`WeightingOptions`, instead of the five keywords above.
 
     Returns:
-        The loss in the dtype of ``logits`` (scalar, or ``[B, T, H]`` for ``none``); with
+        The loss in float32 (float64 for float64 logits), scalar or ``[B, T, H]`` for ``none``; with
         ``return_stats`` a tuple ``(loss, stats)``.
 
     Raises:
@@ -191,7 +191,6 @@ def weighted_mtp_cross_entropy(
     loss, head_ce, *_ = _WeightedMTPCrossEntropy.apply(
         *differentiable, labels, attention_mask, loss_options, inplace
     )
-    loss = loss.to(logits.dtype)
     if not return_stats:
         return loss
     stats = loss_stats(head_ce, labels, attention_mask, weights, values, rewards, weighting, ignore_index)

@@ -1,10 +1,18 @@
 """Linear-fused weighted MTP loss: ``hidden @ W.T`` and the H-offset weighted cross-entropy, chunked.
 
-The logits are never materialised: the chunk loop (:mod:`wmtp_kernels._linear_pass`) computes the loss
-and every gradient in the forward pass, so backward only scales them by the incoming gradient and hands
-them over (the skeleton of :mod:`wmtp_kernels._autograd`). ``reduction="none"`` is the exception: its
-gradient depends on the per-position incoming gradient, so the forward pass computes only the losses and
-backward runs the chunk loop again (4 GEMMs in all). The loss is returned in the dtype of ``hidden``.
+The logits are never materialised: one custom operator (:mod:`wmtp_kernels._linear_op`) runs the chunk
+loop (:mod:`wmtp_kernels._linear_pass`) and computes the loss and every gradient in the forward pass,
+so backward only scales them by the incoming gradient and hands them over. ``reduction="none"`` is the
+exception: its gradient depends on the per-position incoming gradient, so the forward pass computes only
+the losses and backward runs the chunk loop again (4 GEMMs in all).
+
+Drop-in properties (each tested): ``torch.compile(fullgraph=True)`` and ``FakeTensorMode`` trace it
+without a host synchronisation (checks that read data run inside the operator) and without recompiling
+when the number of valid tokens changes; under autocast a float32 ``lm_head_weight`` with bfloat16
+hidden states is used as is (hidden rows are cast per chunk; the weight gradient stays float32); the
+loss is float32 for every input dtype (float64 for float64); activation checkpointing never recomputes
+it for ``mean`` / ``sum`` (nothing is saved for backward); ``count_mtp_targets`` + ``target_counts``
+normalise exactly over accumulated micro-batches; second-order gradients are refused.
 """
 
 from __future__ import annotations
@@ -12,97 +20,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmtp_kernels import _autograd, _validation
+from wmtp_kernels import _validation
 from wmtp_kernels._common import (
     LossOptions,
-    RowWeights,
     check_chunk_size,
     check_same_device,
     resolve_impl,
     weighting_options,
 )
-from wmtp_kernels._linear_pass import default_chunk_rows, linear_pass
-from wmtp_kernels._rows import build_row_layout, compute_dtype
+from wmtp_kernels._linear_op import fused_loss_op
 from wmtp_kernels._validation import check_hidden_inputs
 from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
 from wmtp_kernels.stats import loss_stats
 
-N_INPUTS = 9  # hidden, weight, bias, weights, values, rewards (differentiable), labels, mask, options
+SHARDED_WEIGHT_HELP = (
+    "the fused loss needs the full, local lm_head weight. Two patterns work with FSDP2: call the loss "
+    "inside the forward of the module that owns the weight (fully_shard gathers its parameters for that "
+    "forward and reduce-scatters their gradients after backward), or call it from a method registered "
+    "with torch.distributed.fsdp.register_fsdp_forward_method(module, 'method_name'). Passing "
+    "weight.full_tensor() or calling module.unshard() by hand does not reduce-scatter the gradient "
+    "(wrong or lost gradients)"
+)
 
 
-def _chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, options: LossOptions) -> int:
-    return options.chunk_rows or default_chunk_rows(
-        weight.shape[0], hidden.element_size(), hidden.device.type
-    )
+def _refuse_dtensors(**tensors: torch.Tensor | None) -> None:
+    """Raise a ``TypeError`` naming the first sharded (DTensor) argument and the patterns that work."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise TypeError(
+                f"{name} is a DTensor {list(t.shape)} sharded as {t.placements}: {SHARDED_WEIGHT_HELP}"
+            )
 
 
-def _forward(hidden, weight, bias, weights, values, rewards, labels, attention_mask, options):
-    """The loss and (except for ``none``) every gradient: outputs of :func:`_autograd.forward_outputs`."""
-    heads, dim = hidden.shape[2], hidden.shape[3]
-    dtype = compute_dtype(hidden.dtype)
-    token_inputs = (weights, values, rewards, attention_mask)
-    plan = _autograd.plan_loss(labels, attention_mask, heads, *token_inputs[:3], options, dtype, compact=True)
-    need = (False,) * 3 if options.reduction == "none" else options.grad_flags[:3]
-    result = linear_pass(
-        hidden.reshape(-1, dim),
-        weight,
-        None if bias is None else bias.to(hidden.dtype),
-        plan.rows,
-        plan.targets,
-        plan.scale,
-        plan.source,
-        options.impl,
-        _chunk_rows(hidden, weight, options),
-        need,
-    )
-    grad_hidden = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
-    grad_bias = None if result.grad_bias is None else result.grad_bias.to(bias.dtype)
-    large = [grad_hidden, result.grad_weight, grad_bias]
-    return _autograd.forward_outputs(plan, result.ce, result.row_weight, large, token_inputs, options)
+def _check_target_counts(target_counts: torch.Tensor | None, heads: int, reduction: str) -> None:
+    if target_counts is None:
+        return
+    if not isinstance(target_counts, torch.Tensor) or target_counts.shape != (heads,):
+        shape = list(target_counts.shape) if isinstance(target_counts, torch.Tensor) else type(target_counts)
+        raise ValueError(f"target_counts must be a tensor of shape [H] = [{heads}], got {shape}")
+    if reduction != "mean":
+        raise ValueError(f"target_counts sets the divisor of reduction='mean'; got reduction={reduction!r}")
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, weights, values, rewards, labels, attention_mask, options = inputs
-    if options.reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.token_inputs = (weights, values, rewards, attention_mask)
-        ctx.labels, ctx.options = labels, options
-    _autograd.save_for_backward(ctx, output, options, N_INPUTS, _replay_none)
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
 
-
-def _replay_none(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
-    """Backward of ``reduction="none"``: rerun the chunk loop with the per-row incoming gradient."""
-    hidden, weight, bias = ctx.saved_tensors
-    options, heads, dim = ctx.options, hidden.shape[2], hidden.shape[3]
-    layout = build_row_layout(ctx.labels, ctx.token_inputs[3], heads, options.ignore_index)
-    rows = layout.valid_rows()
-    row_grad = grad_loss.reshape(-1).to(ctx.row_ce.dtype)
-    result = linear_pass(
-        hidden.reshape(-1, dim),
-        weight,
-        None if bias is None else bias.to(hidden.dtype),
-        rows,
-        layout.targets[rows],
-        row_grad[rows],
-        RowWeights(ctx.row_weight[rows], None),
-        options.impl,
-        _chunk_rows(hidden, weight, options),
-        options.grad_flags[:3],
-    )
-    token_grads = _autograd.replay_token_grads(
-        ctx.labels, heads, row_grad * ctx.row_ce, ctx.token_inputs, options
-    )
-    grad_hidden = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
-    grad_bias = None if result.grad_bias is None else result.grad_bias.to(bias.dtype)
-    return [grad_hidden, result.grad_weight, grad_bias, *token_grads]
-
-
-class _FusedWeightedMTPLoss(torch.autograd.Function):
-    """Inputs: hidden, weight, bias, weights, values, rewards (differentiable), labels, mask, options."""
-
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_autograd.backward)
+    return not torch.compiler.is_compiling() and is_fake(t)
 
 
 def _grad_flags(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
@@ -131,6 +98,7 @@ def fused_weighted_mtp_loss(
     impl: str | None = None,
     check_finite: bool = False,
     options: WeightingOptions | None = None,
+    target_counts: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """H-offset weighted multi-token cross-entropy of ``hidden @ W.T (+ b)``, logits never materialised.
 
@@ -164,11 +132,19 @@ def fused_weighted_mtp_loss(
         impl: ``"triton"``, ``"torch"`` or ``None`` (Triton for CUDA tensors, torch otherwise).
         check_finite: Raise ``ValueError`` if an input holds NaN / Inf (one extra read of the inputs).
         options: The weighting as one :class:`WeightingOptions`, instead of the five keywords above.
+        target_counts: ``[H]`` per-head counts that ``mean`` divides by instead of this batch's own,
+            e.g. :func:`wmtp_kernels.count_mtp_targets` summed over accumulated micro-batches.
 
     Returns:
-        The loss in the dtype of ``hidden`` (scalar, or ``[B, T, H]`` for ``none``); with
-        ``return_stats`` a tuple ``(loss, stats)``.
+        The loss in float32 (float64 for float64 inputs), scalar or ``[B, T, H]`` for ``none``; with
+        ``return_stats`` a tuple ``(loss, stats)``. The statistics are Python floats, read back from
+        the device: under ``torch.compile`` they cause a graph break (leave ``return_stats`` off inside
+        a ``fullgraph`` region) and under ``FakeTensorMode`` they are refused.
+
+    Raises:
+        TypeError: a sharded (DTensor) ``lm_head_weight``; the message names the patterns that work.
     """
+    _refuse_dtensors(hidden=hidden, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias)
     check_hidden_inputs(
         hidden,
         lm_head_weight,
@@ -180,6 +156,7 @@ def fused_weighted_mtp_loss(
         rewards,
         ignore_index,
         reduction,
+        read_data=False,  # the label range and finite rewards are checked inside the operator
     )
     weighting = weighting_options(
         options, gamma=gamma, beta=beta, min_weight=min_weight, max_weight=max_weight, terminal=terminal
@@ -192,16 +169,9 @@ def fused_weighted_mtp_loss(
         weights=weights,
         values=values,
         rewards=rewards,
+        target_counts=target_counts,
     )
-    if check_finite:
-        _validation.check_finite(
-            hidden=hidden,
-            lm_head_weight=lm_head_weight,
-            lm_head_bias=lm_head_bias,
-            weights=weights,
-            values=values,
-            rewards=rewards,
-        )
+    _check_target_counts(target_counts, hidden.shape[2], reduction)
     differentiable = (hidden, lm_head_weight, lm_head_bias, weights, values, rewards)
     loss_options = LossOptions(
         weighting=weighting,
@@ -210,11 +180,17 @@ def fused_weighted_mtp_loss(
         impl=resolve_impl(impl, hidden.device),
         chunk_rows=chunk_size,
         grad_flags=_grad_flags(*differentiable),
+        check_finite=check_finite,
     )
-    loss, head_ce, *_ = _FusedWeightedMTPLoss.apply(*differentiable, labels, attention_mask, loss_options)
-    loss = loss.to(hidden.dtype)
+    outputs = fused_loss_op(*differentiable, labels, attention_mask, target_counts, *loss_options.op_args())
+    loss, head_ce = outputs[0], outputs[1]
     if not return_stats:
         return loss
+    if _is_fake(head_ce):
+        raise ValueError(
+            "return_stats=True returns Python floats read from the device, which fake tensors do not "
+            "have; call with return_stats=False under FakeTensorMode"
+        )
     stats = loss_stats(head_ce, labels, attention_mask, weights, values, rewards, weighting, ignore_index)
     return loss, stats
 

@@ -404,7 +404,9 @@ def weighted_mtp_loss_from_hidden(
         ignore_index,
         reduction,
     )
-    logits = F.linear(hidden, lm_head_weight, lm_head_bias)
+    dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)  # float32 weight under autocast
+    bias = None if lm_head_bias is None else lm_head_bias.to(dtype)
+    logits = F.linear(hidden.to(dtype), lm_head_weight.to(dtype), bias)
     return weighted_mtp_cross_entropy(
         logits,
         labels,
