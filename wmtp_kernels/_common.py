@@ -119,7 +119,7 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
 
 
 def triton_chunk_fn() -> ChunkFn:
-    """K2's Triton chunk primitive, imported on first use (Triton is optional for the torch path).
+    """The Triton chunk primitive, imported on first use (Triton is optional for the torch path).
 
     Returns:
         :func:`wmtp_kernels._triton_ce.weighted_ce_chunk_`.

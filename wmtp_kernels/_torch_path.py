@@ -1,13 +1,13 @@
 """Chunk primitives of the PyTorch backend (the fast CPU path; same contract as ``_triton_ce``).
 
-Where the time goes on a CPU (SPEC §4): besides the three GEMMs, every elementwise pass over a chunk of
-logits streams ``C * V`` values through memory. So the float32 path makes exactly one fused pass: the
-row softmax written in place by ATen's vectorised kernel (max, exp-sum and normalisation of one row
-while it sits in cache). The cross-entropy then comes from the probability of the target,
-``ce = -log p[target]``; the one-hot subtraction touches ``C`` elements; and the per-row factor
-``weight * scale`` is *not* applied to the ``[C, V]`` chunk at all in the linear-fused path but to the
-``[C, d]`` operands of the gradient GEMMs (``dW += G.T @ (coef * h)``, ``dh = coef * (G @ W)``), which
-is mathematically the same and d / V times cheaper.
+Where the time goes on a CPU (``docs/DESIGN.md``, "Kernel design"): besides the three GEMMs, every
+elementwise pass over a chunk of logits streams ``C * V`` values through memory. So the float32 path
+makes exactly one fused pass: the row softmax written in place by ATen's vectorised kernel (max, exp-sum
+and normalisation of one row while it sits in cache). The cross-entropy then comes from the probability
+of the target, ``ce = -log p[target]``; the one-hot subtraction touches ``C`` elements; and the per-row
+factor ``weight * scale`` is *not* applied to the ``[C, V]`` chunk at all in the linear-fused path but to
+the ``[C, d]`` operands of the gradient GEMMs (``dW += G.T @ (coef * h)``, ``dh = coef * (G @ W)``),
+which is mathematically the same and d / V times cheaper.
 
 ``-log p[target]`` loses accuracy once ``p[target]`` nears the float32 underflow (cross-entropy above
 ~69 nats). Such rows are detected (``p < 1e-30``) and their cross-entropy recomputed exactly, either from

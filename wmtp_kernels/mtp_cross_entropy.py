@@ -126,7 +126,7 @@ def weighted_mtp_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """H-offset weighted multi-token cross-entropy from logits, without a softmax tensor.
 
-    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (SPEC §2). See the
+    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (``docs/DESIGN.md``). See the
     module doc for what ``inplace`` does to the caller's logits.
 
     Args:
