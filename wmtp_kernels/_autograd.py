@@ -198,6 +198,7 @@ def save_for_backward(
     """
     _, *others = output
     ctx.mark_non_differentiable(*others)
+    ctx.set_materialize_grads(False)  # else autograd builds zero "gradients" of the [V, d] / [N, d] outputs
     ctx.n_inputs = n_inputs
     grads = [g if need else None for g, need in zip(output[N_VALUE_OUTPUTS:], options.grad_flags)]
     if options.reduction == "none":
@@ -260,5 +261,7 @@ def backward(ctx, grad_loss: torch.Tensor, *_grad_non_differentiable) -> tuple[t
             "computed in the forward pass without a graph; use wmtp_kernels.reference for higher-order "
             "derivatives"
         )
+    if grad_loss is None:  # no gradient reached the loss (gradients are not materialised as zeros)
+        return (None,) * ctx.n_inputs
     grads = ctx.grads.release(grad_loss) if ctx.replay is None else ctx.replay(ctx, grad_loss)
     return (*grads, *[None] * (ctx.n_inputs - len(grads)))

@@ -260,3 +260,32 @@ def test_create_graph_is_refused(entry):
         loss = weighted_mtp_cross_entropy(x, torch.zeros(B, T).long(), inplace=False)
     with pytest.raises(RuntimeError, match="second-order"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("entry", ["hidden", "logits"])
+def test_backward_allocates_no_gradient_sized_zeros(entry):
+    """The gradients travel as non-differentiable outputs: autograd must not materialise zero
+    "gradients" for them (a [V, d] or [B, T, H, V] allocation in backward)."""
+    from torch.profiler import profile
+
+    big_v = 4096
+    if entry == "hidden":
+        x = torch.randn(B, T, H, D, requires_grad=True)
+        weight = torch.randn(big_v, D, requires_grad=True)
+        size = weight.numel() * 4
+        step = lambda: fused_weighted_mtp_loss(x, weight, torch.zeros(B, T).long()).backward()  # noqa: E731
+    else:
+        x = torch.randn(B, T, H, big_v, requires_grad=True)
+        size = x.numel() * 4
+        step = lambda: weighted_mtp_cross_entropy(x, torch.zeros(B, T).long(), inplace=False).backward()  # noqa: E731
+    with profile(profile_memory=True) as prof:
+        step()
+    zeros = [
+        e
+        for e in prof.events()
+        if e.name in ("aten::zeros", "aten::zeros_like") and e.cpu_memory_usage >= size
+    ]
+    assert not zeros, [(e.name, e.cpu_memory_usage) for e in zeros]
