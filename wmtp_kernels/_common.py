@@ -1,5 +1,6 @@
-"""What the linear-fused and the logits entry points share: options, backend choice, row weights,
-gradients to the token weights / critic values, and the statistics returned with ``return_stats``.
+"""What the linear-fused and the logits entry points share: options, backend choice and the chunk
+primitive contract (``ChunkFn``), per-row weights, gradients to the token weights / critic values, and
+the per-head cross-entropy sums behind ``return_stats``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from wmtp_kernels.td_weights import td_weight_grads
 
 IMPLS = ("triton", "torch")
 
+# The chunk primitive: fn(logits [C, V] (overwritten with the gradient), targets, scale, weights, td)
+# -> (ce, row_weight); Triton's weighted_ce_chunk_ and the torch path's twin (linear_chunk_ for the
+# linear-fused loop, which defers the row factor to the GEMM operands).
 ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -1,6 +1,6 @@
 """Chunk primitives of the PyTorch backend (the fast CPU path; same contract as ``_triton_ce``).
 
-Where the time goes on a CPU (``docs/DESIGN.md``, "Kernel design"): besides the three GEMMs, every
+Where the time goes on a CPU (docs/DESIGN.md "§ Kernel design"): besides the three GEMMs, every
 elementwise pass over a chunk of logits streams ``C * V`` values through memory. So the float32 path
 makes exactly one fused pass: the row softmax written in place by ATen's vectorised kernel (max, exp-sum
 and normalisation of one row while it sits in cache). The cross-entropy then comes from the probability

@@ -126,8 +126,8 @@ def weighted_mtp_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """H-offset weighted multi-token cross-entropy from logits, without a softmax tensor.
 
-    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (``docs/DESIGN.md``). See the
-    module doc for what ``inplace`` does to the caller's logits.
+    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (docs/DESIGN.md
+    "§ H-offset alignment"). See the module doc for what ``inplace`` does to the caller's logits.
 
     Args:
         logits: ``[B, T, H, V]`` float32 / bfloat16 / float16.

@@ -102,9 +102,10 @@ def fused_weighted_mtp_loss(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """H-offset weighted multi-token cross-entropy of ``hidden @ W.T (+ b)``, logits never materialised.
 
-    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_loss_from_hidden` (``docs/DESIGN.md``):
-    head k at position t predicts ``labels[t + k]`` with weight ``weights[t + k - 1]`` (given, built from
-    ``values`` / ``rewards`` by the clipped exponential TD weighting, or uniform when neither is given).
+    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_loss_from_hidden` (docs/DESIGN.md
+    "§ H-offset alignment"): head k at position t predicts ``labels[t + k]`` with weight
+    ``weights[t + k - 1]`` (given, built from ``values`` / ``rewards`` by the clipped exponential TD
+    weighting, or uniform when neither is given).
     Gradients reach ``hidden``, ``lm_head_weight``, ``lm_head_bias`` and, when they require grad,
     ``weights`` or ``values`` / ``rewards``; they are computed in the forward pass (see the module doc).
 

@@ -233,7 +233,7 @@ def weighted_mtp_cross_entropy(
     reduction: str = "mean",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-    """H-offset weighted multi-token cross-entropy from logits, the reference (``docs/DESIGN.md``).
+    """H-offset weighted multi-token cross-entropy from logits (docs/DESIGN.md "§ H-offset alignment").
 
     Head k (1..H) at position t predicts ``labels[t + k]`` with weight ``weights[t + k - 1]``; a
     prediction is valid when both positions are real and the label is not ``ignore_index``.

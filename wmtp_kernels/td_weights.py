@@ -4,7 +4,7 @@ One formula, :func:`td_terms`, gives the TD error at any set of ``(b, j)`` posit
 ``[B, T]`` grid for :func:`compute_td_errors`, on the rows of a chunk for the torch chunk primitive. Its
 gradient with respect to the values and rewards is written out in :func:`td_weight_grads` (no autograd
 graph, so it runs inside a custom operator and is never recomputed by activation checkpointing). The
-conventions (both terminal modes, padding) are those of ``docs/DESIGN.md``, "TD errors" and "Weights";
+conventions (both terminal modes, padding) are docs/DESIGN.md "§ TD errors" and "§ Weights";
 :mod:`wmtp_kernels.reference` holds an independent plain implementation that the tests compare against.
 """
 
@@ -99,7 +99,7 @@ def compute_td_errors(
     gamma: float = 1.0,
     terminal: str = "last_state",
 ) -> torch.Tensor:
-    """TD errors of a critic along each sequence (``docs/DESIGN.md``, "TD errors").
+    """TD errors of a critic along each sequence (docs/DESIGN.md "§ TD errors").
 
     Intermediate: ``td[t] = gamma * V[t+1] - V[t]`` where t and t+1 are real and t < last.
     ``terminal="last_state"``: ``td[last] = R - V[last]``.
