@@ -1,15 +1,17 @@
 """``fused_weighted_mtp_loss`` under ``torch.compile(fullgraph=True)`` against eager, forward + backward.
 
-Each mode runs in a fresh process (``python benchmarks/bench_compile.py --mode eager|compiled ...``
-prints one JSON line); the parent alternates the two modes ``--rounds`` times and reports the best
-time of each and their ratio, plus the extra peak memory of one step (as ``benchmarks/measure.py``:
-peak RSS beyond inputs and gradients on CPU, ``max_memory_allocated`` on CUDA).
+Time: two persistent worker processes (eager and compiled) are warmed up, then the parent asks them for
+one step each in alternation (ABBA order) ``--steps`` times; the result is the median of the per-pair
+ratios, so a load swing on a shared machine hits both sides of a pair alike. Memory: one fresh process
+per mode, extra peak beyond inputs and gradients as ``benchmarks/measure.py`` measures it (peak RSS on
+CPU, ``max_memory_allocated`` on CUDA).
 
-The compiled function is the loss alone: the custom operator is opaque to the compiler, so what
-changes is the Python wrapper (traced away) and the backward (the scaling of the stored gradients by
-the incoming gradient, in place in eager, out of place in the compiled graph).
+The compiled function is the loss alone: the custom operator is opaque to the compiler, so what changes
+is the Python wrapper (traced away) and the backward (the stored gradients are scaled by the incoming
+gradient in place in eager, out of place in the compiled graph). ``--baseline DIR`` instead compares
+eager here against eager in another checkout ``DIR`` (e.g. a ``git worktree`` of an older commit).
 
-Run: ``python benchmarks/bench_compile.py [--shape B,T,H,d,V] [--dtype float32] [--rounds 3]``.
+Run: ``python benchmarks/bench_compile.py [--shape B,T,H,d,V] [--dtype float32] [--steps 8]``.
 """
 
 from __future__ import annotations
@@ -17,25 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(ROOT)  # after PYTHONPATH, so that a --baseline worker imports the other checkout
 
 import torch  # noqa: E402
 
 from benchmarks.impls import CPU_SHAPES, make_case  # noqa: E402
 from benchmarks.measure import _reset_peak, _status_kib  # noqa: E402
-from wmtp_kernels import fused_weighted_mtp_loss  # noqa: E402
 
 
-def loss_fn(hidden, weight, labels, weights):
-    return fused_weighted_mtp_loss(hidden, weight, labels, weights=weights)
+def make_step(mode: str, shape: tuple[int, ...], dtype: str, device: str):
+    """The inputs of one case and a closure running one forward + backward in ``mode``."""
+    from wmtp_kernels import fused_weighted_mtp_loss
 
+    def loss_fn(hidden, weight, labels, weights):
+        return fused_weighted_mtp_loss(hidden, weight, labels, weights=weights)
 
-def measure(mode: str, shape: tuple[int, ...], dtype: str, device: str, repeats: int) -> dict:
-    """Best-of-``repeats`` time and extra peak memory of one forward + backward in ``mode``."""
     case = make_case(shape, getattr(torch, dtype), device)
     fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
     args = (case["hidden"], case["weight"], case["labels"], case["weights"])
@@ -46,8 +50,14 @@ def measure(mode: str, shape: tuple[int, ...], dtype: str, device: str, repeats:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return case, step
+
+
+def measure_memory(mode: str, shape: tuple[int, ...], dtype: str, device: str) -> dict:
+    """Extra peak memory of one step after a warm-up (which also times the compilation)."""
+    case, step = make_step(mode, shape, dtype, device)
     start = time.perf_counter()
-    step()  # warm-up: compiles in "compiled" mode
+    step()
     first = time.perf_counter() - start
     grad_bytes = sum(case[k].numel() * case[k].element_size() for k in ("hidden", "weight"))
     case["hidden"].grad = case["weight"].grad = None
@@ -61,49 +71,92 @@ def measure(mode: str, shape: tuple[int, ...], dtype: str, device: str, repeats:
         _reset_peak()
         step()
         extra = _status_kib("VmHWM") * 1024 - before - grad_bytes
-    times = []
-    for _ in range(repeats):
+    return {"mode": mode, "extra_bytes": extra, "first_step_s": first}
+
+
+def serve(mode: str, shape: tuple[int, ...], dtype: str, device: str) -> None:
+    """Worker: warm up, print ``ready``, then time one step per line read from stdin."""
+    _, step = make_step(mode, shape, dtype, device)
+    step()
+    step()
+    print("ready", flush=True)
+    for _ in sys.stdin:
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return {"mode": mode, "time_s": min(times), "times_s": times, "first_s": first, "extra_bytes": extra}
+        print(time.perf_counter() - start, flush=True)
 
 
-def run_fresh(mode: str, shape: str, dtype: str, device: str, repeats: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--shape", shape, "--dtype", dtype]
-    cmd += ["--device", device, "--repeats", str(repeats)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _child(args: argparse.Namespace, *extra: str) -> list[str]:
+    script = os.path.abspath(__file__)
+    shape = ",".join(map(str, args.shape))
+    return [sys.executable, script, "--shape", shape, "--dtype", args.dtype, "--device", args.device, *extra]
+
+
+def _env(tree: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=tree, MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def paired_times(workers: dict[str, tuple[list[str], str]], steps: int) -> dict[str, list[float]]:
+    """Per-step times of each worker, asked in alternation (A B, B A, A B, ...)."""
+    procs = {
+        label: subprocess.Popen(cmd, env=_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for label, (cmd, tree) in workers.items()
+    }
+    try:
+        for label, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {label} failed to start")
+        times: dict[str, list[float]] = {label: [] for label in procs}
+        labels = list(procs)
+        for i in range(steps):
+            for label in labels if i % 2 == 0 else labels[::-1]:
+                procs[label].stdin.write("\n")
+                procs[label].stdin.flush()
+                times[label].append(float(procs[label].stdout.readline()))
+        return times
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["eager", "compiled"], help="measure one mode (child process)")
     parser.add_argument("--shape", default=",".join(map(str, CPU_SHAPES[0])), help="B,T,H,d,V")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per mode, alternating")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side")
+    parser.add_argument("--baseline", help="compare eager here with eager in this other checkout")
+    parser.add_argument("--serve", choices=["eager", "compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory", choices=["eager", "compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = tuple(int(x) for x in args.shape.split(","))
-    if args.mode:
-        print(json.dumps(measure(args.mode, shape, args.dtype, args.device, args.repeats)))
+    args.shape = tuple(int(x) for x in args.shape.split(","))
+    if args.serve:
+        serve(args.serve, args.shape, args.dtype, args.device)
         return
-    best: dict[str, dict] = {}
-    for _ in range(args.rounds):
-        for mode in ("eager", "compiled"):
-            result = run_fresh(mode, args.shape, args.dtype, args.device, args.repeats)
-            if mode not in best or result["time_s"] < best[mode]["time_s"]:
-                best[mode] = result
-    eager, compiled = best["eager"], best["compiled"]
-    print(f"shape {shape} {args.dtype} {args.device}, best of {args.rounds} x {args.repeats} steps")
-    for r in (eager, compiled):
-        print(
-            f"  {r['mode']:8s} {r['time_s'] * 1e3:8.0f} ms   extra memory {r['extra_bytes'] / 2**20:7.0f} MiB"
-            f"   first step {r['first_s']:.1f} s"
-        )
-    print(f"  compiled / eager time: {compiled['time_s'] / eager['time_s']:.3f}x")
+    if args.memory:
+        print(json.dumps(measure_memory(args.memory, args.shape, args.dtype, args.device)))
+        return
+    if args.baseline:
+        baseline = os.path.abspath(args.baseline)
+        workers = {
+            "baseline eager": (_child(args, "--serve", "eager"), baseline),
+            "eager": (_child(args, "--serve", "eager"), ROOT),
+        }
+    else:
+        workers = {mode: (_child(args, "--serve", mode), ROOT) for mode in ("eager", "compiled")}
+    times = paired_times(workers, args.steps)
+    (label_a, a), (label_b, b) = times.items()
+    ratio = statistics.median(y / x for x, y in zip(a, b))
+    print(f"shape {args.shape} {args.dtype} {args.device}, {args.steps} alternating steps per side")
+    for label, t in times.items():
+        line = f"  {label:15s} median {statistics.median(t) * 1e3:7.0f} ms, best {min(t) * 1e3:7.0f} ms"
+        if not args.baseline:
+            cmd = _child(args, "--memory", label)
+            memory = json.loads(subprocess.run(cmd, env=_env(ROOT), capture_output=True, text=True).stdout)
+            line += f", extra memory {memory['extra_bytes'] / 2**20:5.0f} MiB"
+        print(line)
+    print(f"  {label_b} / {label_a} time, median of paired ratios: {ratio:.3f}x")
 
 
 if __name__ == "__main__":
