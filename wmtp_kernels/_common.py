@@ -1,5 +1,6 @@
-"""What the linear-fused and the logits entry points share: options, backend choice, row weights,
-gradients to the token weights / critic values, and the statistics returned with ``return_stats``.
+"""What the linear-fused and the logits entry points share: options, backend choice and the chunk
+primitive contract (``ChunkFn``), per-row weights, gradients to the token weights / critic values, and
+the per-head cross-entropy sums behind ``return_stats``.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from wmtp_kernels import reference
 from wmtp_kernels._rows import RowLayout, TDRowInputs, gather_row_weights, td_row_inputs
 from wmtp_kernels.options import WeightingOptions
+from wmtp_kernels.td_weights import td_weight_grads
 
 IMPLS = ("triton", "torch")
 
+# The chunk primitive: fn(logits [C, V] (overwritten with the gradient), targets, scale, weights, td)
+# -> (ce, row_weight); Triton's weighted_ce_chunk_ and the torch path's twin (linear_chunk_ for the
+# linear-fused loop, which defers the row factor to the GEMM operands).
 ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Options of one loss call, passed to ``Function.apply`` as one object.
+    """Options of one loss call, passed to the autograd function / custom operator as one object.
 
     Attributes:
         weighting: TD and weighting options.
@@ -30,6 +34,7 @@ class LossOptions:
         impl: Resolved backend, ``"torch"`` or ``"triton"``.
         chunk_rows: Rows per chunk, or ``None`` for the memory-budget default.
         grad_flags: Which differentiable inputs need a gradient, in the order of the Function's inputs.
+        check_finite: Check the floating-point inputs for NaN / Inf (inside the operator).
     """
 
     weighting: WeightingOptions
@@ -38,6 +43,58 @@ class LossOptions:
     impl: str
     chunk_rows: int | None
     grad_flags: tuple[bool, ...]
+    check_finite: bool = False
+
+    def op_args(self) -> tuple:
+        """The options as the scalar arguments of the custom operator (see :meth:`from_op_args`)."""
+        w = self.weighting
+        return (
+            float(w.gamma),
+            float(w.beta),
+            float(w.min_weight),
+            float(w.max_weight),
+            w.terminal,
+            int(self.ignore_index),
+            self.reduction,
+            self.impl,
+            self.chunk_rows or 0,
+            list(self.grad_flags),
+            bool(self.check_finite),
+        )
+
+    @classmethod
+    def from_op_args(cls, *args) -> LossOptions:
+        """Inverse of :meth:`op_args`."""
+        ignore_index, reduction, impl, rows, flags, finite = args[5:]
+        weighting = WeightingOptions(*args[:5])  # gamma, beta, min_weight, max_weight, terminal
+        return cls(weighting, ignore_index, reduction, impl, rows or None, tuple(flags), finite)
+
+
+def weighting_options(options: WeightingOptions | None, **scalars: float | str | None) -> WeightingOptions:
+    """The weighting of one call: ``options``, or the scalar keywords (``None`` = the default).
+
+    Args:
+        options: A :class:`WeightingOptions`, or ``None``.
+        **scalars: ``gamma``, ``beta``, ``min_weight``, ``max_weight``, ``terminal`` as passed.
+
+    Returns:
+        The options.
+
+    Raises:
+        ValueError: both ``options`` and a scalar keyword given, or invalid values.
+        TypeError: ``options`` is not a :class:`WeightingOptions`.
+    """
+    given = {name: value for name, value in scalars.items() if value is not None}
+    if options is None:
+        return WeightingOptions(**given)
+    if not isinstance(options, WeightingOptions):
+        raise TypeError(f"options must be a WeightingOptions or None, got {type(options).__name__}")
+    if given:
+        raise ValueError(
+            f"pass the weighting either as options=WeightingOptions(...) or as keywords, not both "
+            f"(got options and {sorted(given)})"
+        )
+    return options
 
 
 def resolve_impl(impl: str | None, device: torch.device) -> str:
@@ -66,7 +123,7 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
 
 
 def triton_chunk_fn() -> ChunkFn:
-    """K2's Triton chunk primitive, imported on first use (Triton is optional for the torch path).
+    """The Triton chunk primitive, imported on first use (Triton is optional for the torch path).
 
     Returns:
         :func:`wmtp_kernels._triton_ce.weighted_ce_chunk_`.
@@ -159,8 +216,8 @@ def token_weight_grads(
     """Gradients to ``weights`` / ``values`` / ``rewards`` from d(loss)/d(weight of each row).
 
     Rows sharing a token weight ``(b, j)`` are summed into a ``[B, T]`` gradient; for critic values it
-    is chained through the reference TD errors and clipped exponential weights by a small ``[B, T]``
-    autograd computation in the dtype of ``dloss_drow_weight``.
+    is chained through the TD errors and clipped weights by :func:`wmtp_kernels.td_weights.td_weight_grads`
+    in the dtype of ``dloss_drow_weight``.
 
     Args:
         layout: The row layout.
@@ -185,61 +242,10 @@ def token_weight_grads(
     per_token = per_token.view(layout.batch, layout.seq)
     if weights is not None:
         return per_token.to(weights.dtype), None, None
-    v = values.detach().to(dtype).reshape(layout.batch, layout.seq).requires_grad_(needs[1])
-    r = rewards.detach().to(dtype).requires_grad_(needs[2])
-    with torch.enable_grad():
-        td = reference.compute_td_errors(v, r, attention_mask, weighting.gamma, weighting.terminal)
-        w = reference.build_weights(td, weighting.beta, weighting.min_weight, weighting.max_weight)
-        inputs = [t for t, need in ((v, needs[1]), (r, needs[2])) if need]
-        grads = iter(torch.autograd.grad(w, inputs, per_token))
-    d_values = next(grads).to(values.dtype).reshape(values.shape) if needs[1] else None
-    d_rewards = next(grads).to(rewards.dtype) if needs[2] else None
+    d_values, d_rewards = td_weight_grads(per_token, values, rewards, attention_mask, weighting)
+    d_values = d_values.to(values.dtype).reshape(values.shape) if needs[1] else None
+    d_rewards = d_rewards.to(rewards.dtype) if needs[2] else None
     return None, d_values, d_rewards
-
-
-class StoredGrads:
-    """Gradients computed in the forward pass, handed to autograd by ``backward``.
-
-    The large ones (hidden, weight, bias, logits) are released on the first backward, so that nothing
-    but autograd references them and it takes them over without a copy (SPEC §4); they are scaled in
-    place by the incoming gradient. The small ``[B, T]`` ones (token weights, values, rewards) stay, so
-    a second backward through a retained graph (e.g. ``gradcheck``) works when only they are needed.
-
-    Args:
-        large: Large gradients (or ``None`` entries).
-        small: Small gradients (or ``None`` entries).
-    """
-
-    def __init__(self, large: list[torch.Tensor | None], small: list[torch.Tensor | None]) -> None:
-        self.large: list[torch.Tensor | None] | None = large
-        self.small = small
-        self.needs_large = any(g is not None for g in large)
-        self.n_large = len(large)
-
-    def release(self, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-        """All gradients times ``grad_output`` (a scalar), large ones handed over.
-
-        Args:
-            grad_output: The incoming gradient of the scalar loss.
-
-        Returns:
-            ``large + small`` gradients.
-        """
-        if self.large is None:
-            if self.needs_large:
-                raise RuntimeError(
-                    "the fused WMTP loss computes its gradients in the forward pass and hands them over "
-                    "on the first backward; to backpropagate again, compute the loss again"
-                )
-            large = [None] * self.n_large
-        else:
-            large, self.large = self.large, None
-            if bool(grad_output != 1):
-                for g in large:
-                    if g is not None:
-                        g.mul_(grad_output.to(g.dtype))
-        small = [None if g is None else g * grad_output.to(g.dtype) for g in self.small]
-        return large + small
 
 
 def head_ce_sums(layout: RowLayout, rows: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
@@ -255,50 +261,3 @@ def head_ce_sums(layout: RowLayout, rows: torch.Tensor, ce: torch.Tensor) -> tor
     """
     sums = torch.zeros(layout.heads, dtype=torch.float64, device=ce.device)
     return sums.index_add_(0, layout.head_of(rows), ce.double())
-
-
-def loss_stats(
-    layout: RowLayout,
-    ce_sums: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    weights: torch.Tensor | None,
-    values: torch.Tensor | None,
-    rewards: torch.Tensor | None,
-    weighting: WeightingOptions,
-    ignore_index: int,
-) -> dict[str, float]:
-    """The statistics of ``return_stats=True``, with the keys and definitions of the reference.
-
-    Per-head mean cross-entropy comes from this pass's ``ce_sums``; weight and TD statistics from the
-    ``[B, T]`` weights (rebuilt with the reference functions when values are given: ``O(B * T)``).
-
-    Args:
-        layout: The row layout.
-        ce_sums: ``[H]`` per-head sums of the unweighted cross-entropy.
-        labels: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        weights: ``[B, T]`` token weights or ``None``.
-        values: Critic values or ``None``.
-        rewards: Rewards or ``None``.
-        weighting: TD and weighting options.
-        ignore_index: Label value excluded from the loss.
-
-    Returns:
-        ``{"ce_head1", ..., "weight_mean", ..., "td_mean", ...}`` as floats (``td_*`` only with values).
-    """
-    like = torch.empty(layout.batch, layout.seq, dtype=torch.float32, device=labels.device)
-    with torch.no_grad():
-        token_weights, td = reference.resolve_token_weights(
-            weights, values, rewards, attention_mask, like, weighting
-        )
-    counts = layout.head_counts
-    stats = {
-        f"ce_head{k}": (ce_sums[k - 1] / counts[k - 1].clamp(min=1)).item()
-        for k in range(1, layout.heads + 1)
-    }
-    applied = reference.applied_weight_mask(labels, attention_mask, ignore_index)
-    stats.update(reference.compute_weight_stats(token_weights, applied))
-    if td is not None:
-        stats.update(reference.compute_td_stats(td, applied))
-    return stats

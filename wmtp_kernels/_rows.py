@@ -3,7 +3,7 @@
 ``hidden [B, T, H, d]`` (or ``logits [B, T, H, V]``) is viewed as ``N = B * T * H`` rows in the order
 ``r = (b * T + t) * H + (k - 1)``. Row ``(b, t, k)`` predicts ``labels[b, t + k]`` with the token weight
 at index ``j = t + k - 1``, and counts only when it is *valid*: ``t + k < T``, both positions are real
-and the label is not ``ignore_index`` (:func:`wmtp_kernels.reference.head_valid_mask`).
+and the label is not ``ignore_index`` (:func:`wmtp_kernels.masks.head_valid_mask`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from wmtp_kernels.masks import head_valid_mask, last_token_index
 from wmtp_kernels.options import WeightingOptions
-from wmtp_kernels.reference import head_valid_mask, last_token_index
+from wmtp_kernels.td_weights import td_terms
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,8 @@ class TDRowInputs:
 
     Row ``i`` of a chunk takes its weight from sequence ``row_b[i]`` at weight index ``row_j[i]``
     (``j = t + k - 1`` for head k at position t), with the TD error of
-    :func:`wmtp_kernels.reference.compute_td_errors` and the weight of
-    :func:`wmtp_kernels.reference.build_weights`.
+    :func:`wmtp_kernels.td_weights.td_terms` and the weight of
+    :func:`wmtp_kernels.td_weights.build_weights`.
 
     Attributes:
         values: ``[B, T]`` float32 contiguous critic values (detached).
@@ -144,7 +145,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_scale(layout: RowLayout, reduction: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def row_scale(
+    layout: RowLayout,
+    reduction: str,
+    dtype: torch.dtype = torch.float32,
+    target_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row loss scale: ``valid / (H * max(count_k, 1))`` for ``mean``, ``valid`` otherwise.
 
     Args:
@@ -152,13 +158,16 @@ def row_scale(layout: RowLayout, reduction: str, dtype: torch.dtype = torch.floa
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``none`` uses unit scales; the caller multiplies
             by the incoming per-row gradient).
         dtype: Result dtype.
+        target_counts: ``[H]`` counts ``count_k`` that ``mean`` divides by (e.g. of a whole accumulated
+            batch), or ``None`` for this batch's own ``layout.head_counts``.
 
     Returns:
         ``[N]`` scales, zero on invalid rows.
     """
     scale = layout.valid.to(dtype)
     if reduction == "mean":
-        per_head = 1.0 / (layout.heads * layout.head_counts.clamp(min=1).to(dtype))
+        counts = layout.head_counts if target_counts is None else target_counts
+        per_head = 1.0 / (layout.heads * counts.to(dtype).clamp(min=1))
         scale = scale * per_head.repeat(layout.batch * layout.seq)
     return scale
 
@@ -231,18 +240,6 @@ def td_row_weights(td: TDRowInputs) -> torch.Tensor:
     Returns:
         ``[C]`` ``clamp(exp(td(b, j) / beta), min_weight, max_weight)`` in the dtype of ``td.values``.
     """
-    b, j = td.row_b, td.row_j
-    seq = td.values.shape[1]
     real = td.mask.bool()
-    v_j = td.values[b, j]
-    j_next = (j + 1).clamp(max=seq - 1)
-    last = td.last[b]
-    bootstrap = torch.where((j < last) & real[b, j_next], td.gamma * td.values[b, j_next] - v_j, 0.0)
-    outcome = td.rewards[b] - v_j
-    if td.terminal == "last_state":
-        td_err = torch.where(j == last, outcome, bootstrap)
-    else:
-        td_err = torch.where((j == last - 1) & (last >= 1), outcome, bootstrap)
-        td_err = torch.where(j == last, 0.0, td_err)
-    td_err = torch.where(real[b, j], td_err, 0.0)
-    return torch.clamp(torch.exp(td_err / td.beta), min=td.min_weight, max=td.max_weight)
+    terms = td_terms(td.values, td.rewards, real, td.last, td.row_b, td.row_j, td.gamma, td.terminal)
+    return torch.clamp(torch.exp(terms.td / td.beta), min=td.min_weight, max=td.max_weight)

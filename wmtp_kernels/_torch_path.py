@@ -1,13 +1,13 @@
 """Chunk primitives of the PyTorch backend (the fast CPU path; same contract as ``_triton_ce``).
 
-Where the time goes on a CPU (SPEC §4): besides the three GEMMs, every elementwise pass over a chunk of
-logits streams ``C * V`` values through memory. So the float32 path makes exactly one fused pass: the
-row softmax written in place by ATen's vectorised kernel (max, exp-sum and normalisation of one row
-while it sits in cache). The cross-entropy then comes from the probability of the target,
-``ce = -log p[target]``; the one-hot subtraction touches ``C`` elements; and the per-row factor
-``weight * scale`` is *not* applied to the ``[C, V]`` chunk at all in the linear-fused path but to the
-``[C, d]`` operands of the gradient GEMMs (``dW += G.T @ (coef * h)``, ``dh = coef * (G @ W)``), which
-is mathematically the same and d / V times cheaper.
+Where the time goes on a CPU (docs/DESIGN.md "§ Kernel design"): besides the three GEMMs, every
+elementwise pass over a chunk of logits streams ``C * V`` values through memory. So the float32 path
+makes exactly one fused pass: the row softmax written in place by ATen's vectorised kernel (max, exp-sum
+and normalisation of one row while it sits in cache). The cross-entropy then comes from the probability
+of the target, ``ce = -log p[target]``; the one-hot subtraction touches ``C`` elements; and the per-row
+factor ``weight * scale`` is *not* applied to the ``[C, V]`` chunk at all in the linear-fused path but to
+the ``[C, d]`` operands of the gradient GEMMs (``dW += G.T @ (coef * h)``, ``dh = coef * (G @ W)``),
+which is mathematically the same and d / V times cheaper.
 
 ``-log p[target]`` loses accuracy once ``p[target]`` nears the float32 underflow (cross-entropy above
 ~69 nats). Such rows are detected (``p < 1e-30``) and their cross-entropy recomputed exactly, either from
@@ -25,13 +25,12 @@ from collections.abc import Callable
 import torch
 
 from wmtp_kernels._rows import TDRowInputs, td_row_weights
+from wmtp_kernels._validation import LOW_PRECISION
 
 # p[target] below this is too close to the float32 underflow for -log(p) to be accurate (~69 nats).
 _TINY_PROB = 1e-30
 # float32 working set of the low-precision path: rows are converted in blocks of about this many bytes.
 _LOW_PRECISION_BLOCK_BYTES = 8 * 2**20
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 RawRows = Callable[[torch.Tensor], torch.Tensor]
 

@@ -2,6 +2,11 @@
 
 Each check raises a ``ValueError`` or ``TypeError`` that names the offending argument and the shapes or
 dtypes involved, so a caller never gets a silent wrong answer or an indexing error deep in a kernel.
+
+Two kinds: checks of shapes, dtypes and devices read only metadata (they are traceable by
+``torch.compile`` and run on fake tensors); the checks that read tensor data (label range, finite
+rewards, ``check_finite``) synchronise with the device, so the linear-fused loss passes
+``read_data=False`` and runs :func:`check_data` inside its custom operator instead.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from wmtp_kernels.options import REDUCTIONS
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _shape(t: torch.Tensor | None) -> list[int] | None:
@@ -53,9 +60,14 @@ def check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int) -> Non
 
 
 def check_values_rewards(
-    values: torch.Tensor, rewards: torch.Tensor, batch: int, seq: int, values_name: str = "values"
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    batch: int,
+    seq: int,
+    values_name: str = "values",
+    read_data: bool = True,
 ) -> None:
-    """Check critic ``values`` ([B, T] or [B, T, 1]) and ``rewards`` ([B])."""
+    """Check critic ``values`` ([B, T] or [B, T, 1]) and ``rewards`` ([B], finite when ``read_data``)."""
     check_float(values_name, values)
     if values.shape not in ((batch, seq), (batch, seq, 1)):
         raise ValueError(
@@ -66,7 +78,8 @@ def check_values_rewards(
     check_float("rewards", rewards)
     if rewards.shape != (batch,):
         raise ValueError(f"rewards must have shape [B] = [{batch}], got {_shape(rewards)}")
-    check_finite(rewards=rewards)  # always: a NaN / Inf outcome is never a valid reward
+    if read_data:
+        check_finite(rewards=rewards)  # a NaN / Inf outcome is never a valid reward
 
 
 def check_token_weight_inputs(
@@ -75,6 +88,7 @@ def check_token_weight_inputs(
     rewards: torch.Tensor | None,
     batch: int,
     seq: int,
+    read_data: bool = True,
 ) -> None:
     """Check the weight source: ``weights``, or ``values`` + ``rewards``, or neither (uniform).
 
@@ -95,17 +109,29 @@ def check_token_weight_inputs(
         if weights.shape != (batch, seq):
             raise ValueError(f"weights must have shape [B, T] = [{batch}, {seq}], got {_shape(weights)}")
     if values is not None:
-        check_values_rewards(values, rewards, batch, seq)
+        check_values_rewards(values, rewards, batch, seq, read_data=read_data)
 
 
-def check_labels(labels: torch.Tensor, batch: int, seq: int, vocab: int, ignore_index: int) -> None:
-    """Check ``labels`` is an integer ``[B, T]`` tensor with ids in ``[0, V)`` or ``ignore_index``."""
+def check_labels(labels: torch.Tensor, batch: int, seq: int) -> None:
+    """Check ``labels`` is an integer ``[B, T]`` tensor."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (token ids), got dtype {labels.dtype}")
     if labels.shape != (batch, seq):
         raise ValueError(f"labels must have shape [B, T] = [{batch}, {seq}], got {_shape(labels)}")
+
+
+def check_data(labels: torch.Tensor, vocab: int, ignore_index: int, rewards: torch.Tensor | None) -> None:
+    """The checks that read data: label ids in ``[0, V)`` or ``ignore_index``, finite rewards.
+
+    Args:
+        labels: ``[B, T]`` integer token ids.
+        vocab: V.
+        ignore_index: Label value excluded from the loss.
+        rewards: ``[B]`` rewards or ``None``.
+    """
+    check_finite(rewards=rewards)
     out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(out_of_range.any()):
         bad = labels[out_of_range]
@@ -138,8 +164,9 @@ def check_logits_inputs(
     rewards: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
+    read_data: bool = True,
 ) -> tuple[int, int, int, int]:
-    """Validate the inputs of the logits-based loss.
+    """Validate the inputs of the logits-based loss (with :func:`check_data` when ``read_data``).
 
     Returns:
         ``(B, T, H, V)``.
@@ -152,9 +179,11 @@ def check_logits_inputs(
     if heads == 0 or vocab == 0:
         raise ValueError(f"logits must have H >= 1 heads and V >= 1 classes, got {_shape(logits)}")
     check_reduction(reduction)
-    check_labels(labels, batch, seq, vocab, ignore_index)
+    check_labels(labels, batch, seq)
     check_mask(attention_mask, batch, seq)
-    check_token_weight_inputs(weights, values, rewards, batch, seq)
+    check_token_weight_inputs(weights, values, rewards, batch, seq, read_data=False)
+    if read_data:
+        check_data(labels, vocab, ignore_index, rewards)
     return batch, seq, heads, vocab
 
 
@@ -169,8 +198,12 @@ def check_hidden_inputs(
     rewards: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
+    read_data: bool = True,
 ) -> tuple[int, int, int, int, int]:
-    """Validate the inputs of the linear-fused loss.
+    """Validate the inputs of the linear-fused loss (with :func:`check_data` when ``read_data``).
+
+    ``lm_head_weight`` has the dtype of ``hidden``, or is float32 with bfloat16 / float16 hidden states
+    (a float32 parameter under autocast).
 
     Returns:
         ``(B, T, H, d, V)``.
@@ -188,8 +221,13 @@ def check_hidden_inputs(
             f"lm_head_weight must have shape [V, d] with d = {dim} (from hidden {_shape(hidden)}), "
             f"got {_shape(lm_head_weight)}"
         )
-    if lm_head_weight.dtype != hidden.dtype:
-        raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} must match hidden dtype {hidden.dtype}")
+    if lm_head_weight.dtype != hidden.dtype and not (
+        hidden.dtype in LOW_PRECISION and lm_head_weight.dtype == torch.float32
+    ):
+        raise TypeError(
+            f"lm_head_weight dtype {lm_head_weight.dtype} must match hidden dtype {hidden.dtype}, or be "
+            "torch.float32 with bfloat16 / float16 hidden states (autocast)"
+        )
     vocab = lm_head_weight.shape[0]
     if lm_head_bias is not None:
         check_float("lm_head_bias", lm_head_bias)
@@ -201,7 +239,9 @@ def check_hidden_inputs(
             f"({labels.device}) must be on one device"
         )
     check_reduction(reduction)
-    check_labels(labels, batch, seq, vocab, ignore_index)
+    check_labels(labels, batch, seq)
     check_mask(attention_mask, batch, seq)
-    check_token_weight_inputs(weights, values, rewards, batch, seq)
+    check_token_weight_inputs(weights, values, rewards, batch, seq, read_data=False)
+    if read_data:
+        check_data(labels, vocab, ignore_index, rewards)
     return batch, seq, heads, dim, vocab

@@ -17,92 +17,90 @@ from __future__ import annotations
 
 import torch
 
-from wmtp_kernels import _torch_path, _validation
+from wmtp_kernels import _autograd, _torch_path, _validation
 from wmtp_kernels._common import (
     LossOptions,
-    StoredGrads,
     check_chunk_size,
     check_same_device,
-    head_ce_sums,
-    loss_stats,
     resolve_impl,
-    row_weights,
-    token_weight_grads,
     triton_chunk_fn,
+    weighting_options,
 )
-from wmtp_kernels._rows import build_row_layout, compute_dtype, row_scale
+from wmtp_kernels._linear_pass import default_chunk_rows
+from wmtp_kernels._rows import compute_dtype
 from wmtp_kernels._validation import check_logits_inputs
-from wmtp_kernels.mtp_loss import default_chunk_rows
-from wmtp_kernels.options import WeightingOptions
-from wmtp_kernels.reference import IGNORE_INDEX
+from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
+from wmtp_kernels.stats import loss_stats
+
+N_INPUTS = 8  # logits, weights, values, rewards (differentiable), labels, mask, options, inplace
+
+
+def _forward(logits, weights, values, rewards, labels, attention_mask, options, inplace):
+    """The loss and (except for ``none``, where it stays unscaled) every gradient, chunk by chunk."""
+    heads, vocab = logits.shape[2], logits.shape[3]
+    token_inputs = (weights, values, rewards, attention_mask)
+    dtype = compute_dtype(logits.dtype)
+    plan = _autograd.plan_loss(
+        labels, attention_mask, heads, *token_inputs[:3], options, dtype, compact=False
+    )
+    n_rows = plan.layout.n_rows
+    need_grad = options.grad_flags[0]
+    source_2d = logits.reshape(n_rows, vocab)
+    step = options.chunk_rows or default_chunk_rows(vocab, logits.element_size(), logits.device.type)
+    if need_grad:
+        if inplace:
+            work = source_2d.contiguous()
+            torch.autograd.graph.increment_version(logits)
+        else:
+            work = torch.empty_like(source_2d, memory_format=torch.contiguous_format)
+    else:
+        work = torch.empty(min(step, n_rows), vocab, dtype=logits.dtype, device=logits.device)
+    chunk_fn = _torch_path.weighted_ce_chunk_ if options.impl == "torch" else triton_chunk_fn()
+    ce = torch.empty(n_rows, dtype=dtype, device=logits.device)
+    row_weight = torch.empty_like(ce)
+    for start in range(0, n_rows, step):
+        part = slice(start, min(start + step, n_rows))
+        buf = work[part] if need_grad else work[: part.stop - part.start]
+        if buf.data_ptr() != source_2d[part].data_ptr():
+            buf.copy_(source_2d[part])
+        weights_c, td_c = plan.source.chunk(part)
+        ce[part], row_weight[part] = chunk_fn(buf, plan.targets[part], plan.scale[part], weights_c, td_c)
+    large = [work.view(logits.shape) if need_grad else None]
+    return _autograd.forward_outputs(plan, ce, row_weight, large, token_inputs, options)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, weights, values, rewards, labels, attention_mask, options, _inplace = inputs
+    if options.reduction == "none":
+        ctx.token_inputs = (weights, values, rewards, attention_mask)
+        ctx.labels, ctx.options, ctx.heads = labels, options, logits.shape[2]
+    _autograd.save_for_backward(ctx, output, options, N_INPUTS, _scale_none_rows)
+
+
+def _scale_none_rows(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """Backward of ``reduction="none"``: scale each row of the stored gradient by its incoming gradient."""
+    row_grad = grad_loss.reshape(-1).to(ctx.row_ce.dtype)
+    (work,) = ctx.pending
+    ctx.pending = [None]  # hand the buffer over: no reference may stay on ctx
+    if work is None and ctx.options.grad_flags[0]:
+        raise RuntimeError(
+            "the gradient buffer of weighted_mtp_cross_entropy was handed over by the first "
+            "backward; to backpropagate again, compute the loss again"
+        )
+    grad_logits = None if work is None else work.view(row_grad.numel(), -1).mul_(row_grad[:, None])
+    grad_logits = None if grad_logits is None else grad_logits.view(work.shape)
+    token_grads = _autograd.replay_token_grads(
+        ctx.labels, ctx.heads, row_grad * ctx.row_ce, ctx.token_inputs, ctx.options
+    )
+    return [grad_logits, *token_grads]
 
 
 class _WeightedMTPCrossEntropy(torch.autograd.Function):
     """Inputs: logits, weights, values, rewards (differentiable), labels, mask, options, inplace."""
 
-    @staticmethod
-    def forward(ctx, logits, weights, values, rewards, labels, attention_mask, options, inplace):
-        batch, seq, heads, vocab = logits.shape
-        layout = build_row_layout(labels, attention_mask, heads, options.ignore_index)
-        n_rows = layout.n_rows
-        rows = torch.arange(n_rows, device=logits.device)
-        dtype = compute_dtype(logits.dtype)
-        scale = row_scale(layout, options.reduction, dtype)
-        source = row_weights(layout, rows, weights, values, rewards, attention_mask, options.weighting, dtype)
-        need_grad = options.grad_flags[0]
-        source_2d = logits.reshape(n_rows, vocab)
-        step = options.chunk_rows or default_chunk_rows(vocab, logits.element_size(), logits.device.type)
-        if need_grad:
-            if inplace:
-                work = source_2d.contiguous()
-                torch.autograd.graph.increment_version(logits)
-            else:
-                work = torch.empty_like(source_2d, memory_format=torch.contiguous_format)
-        else:
-            work = torch.empty(min(step, n_rows), vocab, dtype=logits.dtype, device=logits.device)
-        chunk_fn = _torch_path.weighted_ce_chunk_ if options.impl == "torch" else triton_chunk_fn()
-        ce = torch.empty(n_rows, dtype=dtype, device=logits.device)
-        row_weight = torch.empty_like(ce)
-        for start in range(0, n_rows, step):
-            part = slice(start, min(start + step, n_rows))
-            buf = work[part] if need_grad else work[: part.stop - part.start]
-            if buf.data_ptr() != source_2d[part].data_ptr():
-                buf.copy_(source_2d[part])
-            weights_c, td_c = source.chunk(part)
-            ce[part], row_weight[part] = chunk_fn(buf, layout.targets[part], scale[part], weights_c, td_c)
-        ce_sums = head_ce_sums(layout, rows, ce)
-        ctx.mark_non_differentiable(ce_sums)
-        weighted = ce * row_weight
-        token_args = (weights, values, rewards, attention_mask, options.weighting)
-        if options.reduction == "none":
-            ctx.replay = (layout, rows, ce, token_args, options, need_grad)
-            ctx.work = work if need_grad else None
-            loss = weighted.view(batch, seq, heads).to(logits.dtype)
-            return loss, ce_sums
-        token_grads = token_weight_grads(layout, rows, scale * ce, *token_args, needs=options.grad_flags[1:4])
-        ctx.grads = StoredGrads([work.view(logits.shape) if need_grad else None], list(token_grads))
-        del work
-        return (scale * weighted).sum().to(logits.dtype), ce_sums
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce_sums):
-        if hasattr(ctx, "grads"):
-            return (*ctx.grads.release(grad_loss), None, None, None, None)
-        layout, rows, ce, token_args, options, need_grad = ctx.replay
-        row_grad = grad_loss.reshape(-1).to(ce.dtype)
-        grad_logits = None
-        if need_grad:
-            work, ctx.work = ctx.work, None  # hand the buffer over: no reference may stay on ctx
-            if work is None:
-                raise RuntimeError(
-                    "the gradient buffer of weighted_mtp_cross_entropy was handed over by the first "
-                    "backward; to backpropagate again, compute the loss again"
-                )
-            grad_logits = work.mul_(row_grad[:, None]).view(grad_loss.shape + work.shape[-1:])
-        token_grads = token_weight_grads(
-            layout, rows, row_grad * ce, *token_args, needs=options.grad_flags[1:4]
-        )
-        return (grad_logits, *token_grads, None, None, None, None)
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_autograd.backward)
 
 
 def weighted_mtp_cross_entropy(
@@ -112,11 +110,11 @@ def weighted_mtp_cross_entropy(
     weights: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
-    gamma: float = 1.0,
-    beta: float = 0.9,
-    min_weight: float = 0.1,
-    max_weight: float = 5.0,
-    terminal: str = "last_state",
+    gamma: float | None = None,
+    beta: float | None = None,
+    min_weight: float | None = None,
+    max_weight: float | None = None,
+    terminal: str | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     return_stats: bool = False,
@@ -124,11 +122,12 @@ def weighted_mtp_cross_entropy(
     impl: str | None = None,
     inplace: bool = True,
     check_finite: bool = False,
+    options: WeightingOptions | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """H-offset weighted multi-token cross-entropy from logits, without a softmax tensor.
 
-    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (SPEC §2). See the
-    module doc for what ``inplace`` does to the caller's logits.
+    Same semantics as :func:`wmtp_kernels.reference.weighted_mtp_cross_entropy` (docs/DESIGN.md
+    "§ H-offset alignment"). See the module doc for what ``inplace`` does to the caller's logits.
 
     Args:
         logits: ``[B, T, H, V]`` float32 / bfloat16 / float16.
@@ -137,11 +136,11 @@ def weighted_mtp_cross_entropy(
         weights: ``[B, T]`` token weights; or ``values`` and ``rewards``; neither means uniform.
         values: ``[B, T(, 1)]`` critic values (TD weights computed per row).
         rewards: ``[B]`` sequence rewards, with ``values``.
-        gamma: TD discount.
-        beta: Weight temperature.
-        min_weight: Lower weight clip.
-        max_weight: Upper weight clip.
-        terminal: TD terminal convention, ``"last_state"`` or ``"last_transition"``.
+        gamma: TD discount (``None``: the :class:`WeightingOptions` default, 1.0).
+        beta: Weight temperature (default 0.9).
+        min_weight: Lower weight clip (default 0.1).
+        max_weight: Upper weight clip (default 5.0).
+        terminal: TD terminal convention, ``"last_state"`` (default) or ``"last_transition"``.
         ignore_index: Label value excluded from the loss.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B, T, H]``).
         return_stats: Also return per-head CE and weight (and TD) statistics, keys as the reference.
@@ -149,16 +148,19 @@ def weighted_mtp_cross_entropy(
         impl: ``"triton"``, ``"torch"`` or ``None`` (Triton for CUDA tensors, torch otherwise).
         inplace: Write the gradient into the logits buffer (default) or into a new tensor.
         check_finite: Raise ``ValueError`` if an input holds NaN / Inf.
+        options: The weighting as one :class:`WeightingOptions`, instead of the five keywords above.
 
     Returns:
-        The loss in the dtype of ``logits`` (scalar, or ``[B, T, H]`` for ``none``); with
+        The loss in float32 (float64 for float64 logits), scalar or ``[B, T, H]`` for ``none``; with
         ``return_stats`` a tuple ``(loss, stats)``.
 
     Raises:
         ValueError: bad shapes / options, or ``inplace=True`` with logits that are a leaf requiring grad.
     """
     check_logits_inputs(logits, labels, attention_mask, weights, values, rewards, ignore_index, reduction)
-    weighting = WeightingOptions(gamma, beta, min_weight, max_weight, terminal)
+    weighting = weighting_options(
+        options, gamma=gamma, beta=beta, min_weight=min_weight, max_weight=max_weight, terminal=terminal
+    )
     check_chunk_size(chunk_size)
     check_same_device(
         logits.device,
@@ -178,7 +180,7 @@ def weighted_mtp_cross_entropy(
             f"logits {list(logits.shape)} is a leaf tensor that requires grad: inplace=True would turn its "
             "buffer into its own gradient; pass inplace=False"
         )
-    options = LossOptions(
+    loss_options = LossOptions(
         weighting=weighting,
         ignore_index=ignore_index,
         reduction=reduction,
@@ -186,11 +188,10 @@ def weighted_mtp_cross_entropy(
         chunk_rows=chunk_size,
         grad_flags=grad_flags,
     )
-    loss, ce_sums = _WeightedMTPCrossEntropy.apply(*differentiable, labels, attention_mask, options, inplace)
+    loss, head_ce, *_ = _WeightedMTPCrossEntropy.apply(
+        *differentiable, labels, attention_mask, loss_options, inplace
+    )
     if not return_stats:
         return loss
-    layout = build_row_layout(labels, attention_mask, logits.shape[2], ignore_index)
-    stats = loss_stats(
-        layout, ce_sums, labels, attention_mask, weights, values, rewards, weighting, ignore_index
-    )
+    stats = loss_stats(head_ce, labels, attention_mask, weights, values, rewards, weighting, ignore_index)
     return loss, stats

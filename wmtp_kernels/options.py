@@ -17,7 +17,7 @@ TERMINAL_MODES = ("last_state", "last_transition")
 
 @dataclass(frozen=True)
 class WeightingOptions:
-    """How token weights are built from critic values (SPEC §2).
+    """How token weights are built from critic values (docs/DESIGN.md "§ TD errors", "§ Weights").
 
     Attributes:
         gamma: Discount of the intermediate TD errors.

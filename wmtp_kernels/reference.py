@@ -1,8 +1,10 @@
-"""Plain PyTorch reference for every WMTP computation (SPEC §2): the ground truth of the parity tests.
+"""Plain PyTorch reference for every WMTP computation: the ground truth of the parity tests.
 
 Written for readability, not speed: it materialises logits and per-head cross-entropies. Every function
 computes in the dtype it is given, so a test can call it in float64 for a ground truth and in the input
-dtype for the error a plain PyTorch implementation makes.
+dtype for the error a plain PyTorch implementation makes. It shares no computation with the production
+code it checks (it imports only the input checks and the options); the production functions it mirrors
+document the arguments, and ``docs/DESIGN.md`` the math.
 """
 
 from __future__ import annotations
@@ -24,14 +26,7 @@ from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row (works for left and right padding).
-
-    Args:
-        attention_mask: ``[B, T]``, nonzero for real tokens.
-
-    Returns:
-        ``[B]`` int64; ``-1`` for a row without real tokens.
-    """
+    """Oracle of :func:`wmtp_kernels.last_token_index`: ``[B]`` last real token index, ``-1`` if none."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
 
@@ -47,22 +42,11 @@ def compute_td_errors(
     gamma: float = 1.0,
     terminal: str = "last_state",
 ) -> torch.Tensor:
-    """TD errors of a critic along each sequence (SPEC §2).
+    """Oracle of :func:`wmtp_kernels.compute_td_errors` (same arguments): shifted-tensor TD errors.
 
-    Intermediate: ``td[t] = gamma * V[t+1] - V[t]`` where t and t+1 are real and t < last.
-    ``terminal="last_state"``: ``td[last] = R - V[last]``.
-    ``terminal="last_transition"``: ``td[last-1] = R - V[last-1]`` and ``td[last] = 0`` (a row with a
-    single real token has no transition and gets all zeros). Padding positions are 0.
-
-    Args:
-        values: ``[B, T]`` or ``[B, T, 1]`` critic values V(s_t).
-        rewards: ``[B]`` sequence rewards.
-        attention_mask: ``[B, T]``, nonzero for real tokens; ``None`` means all real.
-        gamma: Discount factor.
-        terminal: ``"last_state"`` or ``"last_transition"``.
-
-    Returns:
-        ``[B, T]`` TD errors in the dtype of ``values``; differentiable in values and rewards.
+    ``td[t] = gamma * V[t+1] - V[t]`` where t and t+1 are real and t < last; ``last_state``:
+    ``td[last] = R - V[last]``; ``last_transition``: ``td[last-1] = R - V[last-1]``, ``td[last] = 0``.
+    Padding is 0. Differentiable in values and rewards.
     """
     batch, seq = batch_and_seq("values", values)
     check_values_rewards(values, rewards, batch, seq)
@@ -89,17 +73,7 @@ def compute_td_errors(
 def build_weights(
     td_errors: torch.Tensor, beta: float = 0.9, min_weight: float = 0.1, max_weight: float = 5.0
 ) -> torch.Tensor:
-    """Exponential, clipped token weights ``clamp(exp(td / beta), min_weight, max_weight)``.
-
-    Args:
-        td_errors: TD errors of any shape.
-        beta: Temperature, > 0.
-        min_weight: Lower clip.
-        max_weight: Upper clip.
-
-    Returns:
-        Weights with the shape and dtype of ``td_errors``; differentiable (zero gradient where clipped).
-    """
+    """Oracle of :func:`wmtp_kernels.build_weights`: ``clamp(exp(td / beta), min_weight, max_weight)``."""
     check_float("td_errors", td_errors)
     WeightingOptions(beta=beta, min_weight=min_weight, max_weight=max_weight)
     return torch.clamp(torch.exp(td_errors / beta), min=min_weight, max=max_weight)
@@ -129,33 +103,12 @@ def _moments(x: torch.Tensor, prefix: str) -> dict[str, float]:
 
 
 def compute_td_stats(td_errors: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean, (population) std, min and max of the TD errors over the masked, finite entries.
-
-    NaN / Inf entries are skipped, never raised; with no entry left every statistic is 0.
-
-    Args:
-        td_errors: TD errors of any shape.
-        mask: Optional mask of the same shape; nonzero entries are included.
-
-    Returns:
-        ``{"td_mean", "td_std", "td_min", "td_max"}`` as Python floats.
-    """
+    """Oracle of :func:`wmtp_kernels.compute_td_stats`: moments over the masked, finite entries."""
     return _moments(_finite_selection(td_errors, mask), "td")
 
 
 def compute_weight_stats(weights: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Moments of the weights and the normalised entropy of ``p = w / sum(w)``.
-
-    The entropy is divided by ``log(n)`` so that 1 means uniform weights (a single entry counts as
-    uniform; no entry, or a non-positive sum, gives 0). NaN / Inf entries are skipped.
-
-    Args:
-        weights: Non-negative token weights of any shape.
-        mask: Optional mask of the same shape; nonzero entries are included.
-
-    Returns:
-        ``{"weight_mean", "weight_std", "weight_min", "weight_max", "weight_entropy"}`` as floats.
-    """
+    """Oracle of :func:`wmtp_kernels.compute_weight_stats`: moments and entropy / log(n)."""
     w = _finite_selection(weights, mask)
     stats = _moments(w, "weight")
     total = w.sum()
@@ -177,19 +130,9 @@ def resolve_token_weights(
     like: torch.Tensor,
     options: WeightingOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``[B, T]`` token weights from the given source, and the TD errors when computed.
+    """``[B, T]`` token weights from ``weights``, or from values + rewards (then also the TD errors), or ones.
 
-    Args:
-        weights: Precomputed ``[B, T]`` weights, or ``None``.
-        values: ``[B, T(, 1)]`` critic values (with ``rewards``), or ``None``.
-        rewards: ``[B]`` rewards, or ``None``.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        like: A ``[B, T, ...]`` tensor whose dtype and device uniform weights take.
-        options: TD and weighting options.
-
-    Returns:
-        ``(weights, td)``; ``td`` is ``None`` unless weights were built from values; with no source the
-        weights are uniform ones.
+    Oracle of ``wmtp_kernels.td_weights.token_weights`` (same arguments).
     """
     if weights is not None:
         return weights, None
@@ -202,17 +145,7 @@ def resolve_token_weights(
 def head_valid_mask(
     labels: torch.Tensor, attention_mask: torch.Tensor | None, k: int, ignore_index: int
 ) -> torch.Tensor:
-    """``valid_k[b, t]`` for the predictions of head k (1-based) at positions ``t < T - k``.
-
-    Args:
-        labels: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        k: Head offset, 1..H.
-        ignore_index: Label value excluded from the loss.
-
-    Returns:
-        ``[B, max(T - k, 0)]`` bool.
-    """
+    """Oracle of :func:`wmtp_kernels.head_valid_mask`: ``[B, max(T - k, 0)]`` bool valid predictions."""
     seq = labels.shape[1]
     valid = labels[:, k:] != ignore_index
     if attention_mask is not None:
@@ -280,19 +213,7 @@ def _loss_stats(
 def applied_weight_mask(
     labels: torch.Tensor, attention_mask: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:
-    """Positions j whose weight is applied to a valid prediction (of token j + 1), as ``[B, T]`` bool.
-
-    Every target token is predicted by head 1, so these are exactly head 1's valid positions; statistics
-    of weights and TD errors returned with ``return_stats=True`` are taken over them.
-
-    Args:
-        labels: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        ignore_index: Label value excluded from the loss.
-
-    Returns:
-        ``[B, T]`` bool (the last column is always False).
-    """
+    """Oracle of :func:`wmtp_kernels.applied_weight_mask`: head 1's valid positions as ``[B, T]``."""
     return F.pad(head_valid_mask(labels, attention_mask, 1, ignore_index), (0, 1), value=False)
 
 
@@ -312,7 +233,7 @@ def weighted_mtp_cross_entropy(
     reduction: str = "mean",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-    """H-offset weighted multi-token cross-entropy from logits (SPEC §2), the reference.
+    """H-offset weighted multi-token cross-entropy from logits (docs/DESIGN.md "§ H-offset alignment").
 
     Head k (1..H) at position t predicts ``labels[t + k]`` with weight ``weights[t + k - 1]``; a
     prediction is valid when both positions are real and the label is not ``ignore_index``.
@@ -404,7 +325,9 @@ def weighted_mtp_loss_from_hidden(
         ignore_index,
         reduction,
     )
-    logits = F.linear(hidden, lm_head_weight, lm_head_bias)
+    dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)  # float32 weight under autocast
+    bias = None if lm_head_bias is None else lm_head_bias.to(dtype)
+    logits = F.linear(hidden.to(dtype), lm_head_weight.to(dtype), bias)
     return weighted_mtp_cross_entropy(
         logits,
         labels,
@@ -432,24 +355,9 @@ def value_loss(
     loss_type: str = "mse",
     huber_delta: float = 1.0,
 ) -> torch.Tensor:
-    """Critic regression of V(s_t) onto the sequence reward over the masked tokens, optionally clipped.
+    """Oracle of :func:`wmtp_kernels.value_loss` (same arguments): masked mean of the critic's regression.
 
-    With ``old_values`` and ``clip_range`` (PPO style): ``V_clip = V_old + clamp(V - V_old, -c, c)`` and
-    the per-token loss is ``max(l(V, R), l(V_clip, R))``, so moving V further than ``c`` from ``V_old``
-    earns no gradient. ``V_old`` is whatever the caller snapshots (the trainer: a lagged copy of the
-    value head applied to the detached trunk states).
-
-    Args:
-        values: ``[B, T]`` or ``[B, T, 1]``.
-        rewards: ``[B]``, broadcast over each row.
-        mask: ``[B, T]`` tokens that count; ``None`` means all.
-        old_values: Reference values of the shape of ``values`` for clipping, or ``None``.
-        clip_range: The clip ``c`` > 0, or ``None`` for no clipping.
-        loss_type: ``"mse"`` (squared error) or ``"huber"`` (smooth L1 with ``huber_delta``).
-        huber_delta: Huber transition point.
-
-    Returns:
-        Scalar: the masked mean of the per-token loss (0 when the mask is empty).
+    With ``old_values`` and ``clip_range``: ``max(l(V, R), l(V_old + clamp(V - V_old, -c, c), R))``.
     """
     batch, seq = batch_and_seq("values", values)
     check_values_rewards(values, rewards, batch, seq)
@@ -484,16 +392,7 @@ def value_loss(
 def explained_variance(
     values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None
 ) -> float:
-    """``1 - Var(R - V) / Var(R)`` over the masked tokens (R broadcast over each row).
-
-    Args:
-        values: ``[B, T]`` or ``[B, T, 1]``.
-        rewards: ``[B]``.
-        mask: ``[B, T]`` tokens that count; ``None`` means all.
-
-    Returns:
-        The explained variance as a float; NaN when the rewards have no variance over the mask.
-    """
+    """Oracle of :func:`wmtp_kernels.explained_variance`: ``1 - Var(R - V) / Var(R)`` (NaN if Var(R) = 0)."""
     batch, seq = batch_and_seq("values", values)
     check_values_rewards(values, rewards, batch, seq)
     check_mask(mask, batch, seq)

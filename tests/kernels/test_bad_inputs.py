@@ -175,50 +175,51 @@ def test_logits_entry_points_reject(fn, case, overrides, error, words):
     check_message(info, words)
 
 
+@pytest.mark.parametrize("module", [ref, wmtp_kernels], ids=["reference", "production"])
 @pytest.mark.parametrize(
-    "fn, args, error, words",
+    "name, args, error, words",
     [
-        (ref.compute_td_errors, (torch.rand(B), torch.ones(B)), ValueError, ["values", "[B, T]"]),
-        (ref.compute_td_errors, (torch.rand(B, T, 2), torch.ones(B)), ValueError, ["values"]),
-        (ref.compute_td_errors, (torch.rand(B, T), torch.ones(B + 1)), ValueError, ["rewards", f"[{B}]"]),
+        ("compute_td_errors", (torch.rand(B), torch.ones(B)), ValueError, ["values", "[B, T]"]),
+        ("compute_td_errors", (torch.rand(B, T, 2), torch.ones(B)), ValueError, ["values"]),
+        ("compute_td_errors", (torch.rand(B, T), torch.ones(B + 1)), ValueError, ["rewards", f"[{B}]"]),
         (
-            ref.value_loss,
+            "value_loss",
             (torch.rand(B, T), torch.tensor([0.0, float("nan")])),
             ValueError,
             ["rewards", "finite"],
         ),
         (
-            ref.compute_td_errors,
+            "compute_td_errors",
             (torch.rand(B, T), torch.ones(B), torch.ones(B, T + 1)),
             ValueError,
             ["attention_mask"],
         ),
-        (ref.build_weights, (torch.ones(3, dtype=torch.long),), TypeError, ["td_errors", "dtype"]),
-        (ref.build_weights, (torch.ones(3), 0.0), ValueError, ["beta"]),
+        ("build_weights", (torch.ones(3, dtype=torch.long),), TypeError, ["td_errors", "dtype"]),
+        ("build_weights", (torch.ones(3), 0.0), ValueError, ["beta"]),
         (
-            ref.value_loss,
+            "value_loss",
             (torch.rand(B, T), torch.ones(B), None, torch.rand(B, T + 1), 0.2),
             ValueError,
             ["old_values"],
         ),
         (
-            ref.value_loss,
+            "value_loss",
             (torch.rand(B, T), torch.ones(B), None, torch.rand(B, T), -0.2),
             ValueError,
             ["clip_range"],
         ),
         (
-            ref.value_loss,
+            "value_loss",
             (torch.rand(B, T), torch.ones(B), None, None, None, "l1"),
             ValueError,
             ["loss_type"],
         ),
-        (ref.explained_variance, (torch.rand(B, T), torch.ones(B), torch.ones(B, 1)), ValueError, ["mask"]),
+        ("explained_variance", (torch.rand(B, T), torch.ones(B), torch.ones(B, 1)), ValueError, ["mask"]),
     ],
 )
-def test_weighting_functions_reject(fn, args, error, words):
+def test_weighting_functions_reject(module, name, args, error, words):
     with pytest.raises(error) as info:
-        fn(*args)
+        getattr(module, name)(*args)
     check_message(info, words)
 
 

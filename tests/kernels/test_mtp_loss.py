@@ -9,7 +9,12 @@ import pytest
 import torch
 from _compare import assert_no_worse
 
-from wmtp_kernels import FusedWeightedMTPLoss, fused_weighted_mtp_loss
+from wmtp_kernels import (
+    FusedWeightedMTPLoss,
+    WeightingOptions,
+    fused_weighted_mtp_loss,
+    weighted_mtp_cross_entropy,
+)
 from wmtp_kernels import reference as ref
 
 IMPLS = ["torch", "triton"]
@@ -63,7 +68,7 @@ def check_parity(case, dtype, reduction, slack=None, **kwargs):
     truth = run(ref.weighted_mtp_loss_from_hidden, case, torch.float64, reduction)
     same = run(ref.weighted_mtp_loss_from_hidden, case, dtype, reduction)
     ours = run(fused_weighted_mtp_loss, case, dtype, reduction, **kwargs)
-    assert ours[0].dtype == dtype
+    assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # float32 loss
     assert_no_worse("loss", ours[0], same[0], truth[0], slack=slack)
     for name in truth[2]:
         assert_no_worse(f"grad {name}", ours[2][name], same[2][name], truth[2][name], slack=slack)
@@ -265,3 +270,72 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         fused_weighted_mtp_loss(
             torch.randn(1, 3, 2, 4), torch.randn(5, 4), torch.zeros(1, 3, dtype=torch.long), impl="triton"
         )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_row_layout_is_built_once_per_call_stats_included(monkeypatch, reduction):
+    import wmtp_kernels._autograd as skeleton
+
+    calls = []
+    original = skeleton.build_row_layout
+    monkeypatch.setattr(skeleton, "build_row_layout", lambda *a, **k: calls.append(1) or original(*a, **k))
+    case = make_case(source="values")
+    fused_weighted_mtp_loss(**case, reduction=reduction, return_stats=True)
+    logits = torch.randn(3, 7, 4, 11)
+    weighted_mtp_cross_entropy(
+        logits,
+        case["labels"] % 11,
+        values=case["values"],
+        rewards=case["rewards"],
+        reduction=reduction,
+        return_stats=True,
+    )
+    assert len(calls) == 2
+
+
+def test_weighting_options_object_equals_keywords():
+    case = make_case(source="values")
+    keywords = {
+        "gamma": 0.9,
+        "beta": 0.5,
+        "min_weight": 0.3,
+        "max_weight": 2.0,
+        "terminal": "last_transition",
+    }
+    expected = fused_weighted_mtp_loss(**case, **keywords)
+    options = WeightingOptions(**keywords)
+    torch.testing.assert_close(fused_weighted_mtp_loss(**case, options=options), expected)
+    module = FusedWeightedMTPLoss(options=options)
+    torch.testing.assert_close(module(**case), expected)
+    assert "last_transition" in repr(module)
+    with pytest.raises(ValueError, match="not both"):
+        fused_weighted_mtp_loss(**case, options=options, beta=0.5)
+    with pytest.raises(TypeError, match="WeightingOptions"):
+        fused_weighted_mtp_loss(**case, options={"beta": 0.5})
+
+
+def test_none_reduction_keeps_a_float32_bias_gradient_with_bfloat16_hidden():
+    """reduction='none' computes the bias gradient in backward; it must not be rounded to bfloat16.
+
+    With unit incoming gradients, 'none' and 'sum' accumulate the same float32 bias gradient.
+    """
+    case = make_case(B=2, T=6, H=2, d=8, V=40, bias=True, source="weights")
+    grads = {}
+    for reduction in ("sum", "none"):
+        hidden = case["hidden"].bfloat16().requires_grad_()
+        weight = case["lm_head_weight"].bfloat16().requires_grad_()
+        bias = case["lm_head_bias"].float().requires_grad_()
+        loss = fused_weighted_mtp_loss(
+            hidden,
+            weight,
+            case["labels"],
+            case["attention_mask"],
+            weights=case["weights"].float(),
+            lm_head_bias=bias,
+            reduction=reduction,
+            chunk_size=5,
+        )
+        loss.backward(torch.ones_like(loss))
+        grads[reduction] = bias.grad
+    assert grads["none"].dtype == torch.float32
+    torch.testing.assert_close(grads["none"], grads["sum"], rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""The reference math (SPEC §2): seeds' worked examples, brute-force loops, properties."""
+"""The reference math (docs/DESIGN.md): worked examples, brute-force loops, properties."""
 
 import math
 
@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from wmtp_kernels import reference as ref
 
-# ---------------------------------------------------------------- brute-force definitions of SPEC §2
+# ---------------------------------------------------------------- brute-force definitions of the math
 
 
 def brute_td(values, rewards, mask, gamma, terminal):
-    """Per-(b, t) loop over the SPEC's words, independent of the vectorised reference."""
+    """Per-(b, t) loop over the definition's words, independent of the vectorised reference."""
     B, T = values.shape
     td = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
@@ -67,7 +67,7 @@ def padded_mask(B, T, lengths, side):
     return mask
 
 
-# ---------------------------------------------------------------- seeds' acceptance cases
+# ---------------------------------------------------------------- worked examples
 
 
 def test_td_worked_example_last_state():
@@ -189,7 +189,7 @@ def test_all_masked_rows_finite_and_zero_gradient():
 
 
 def test_short_sequence_mean_still_divides_by_all_heads():
-    """T < H: heads without a target contribute 0, the mean is over all H heads (the seeds' / n_future)."""
+    """T < H: heads without a target contribute 0, the mean is over all H heads (divided by n_future)."""
     B, T, H, V = 1, 2, 4, 5
     logits = torch.randn(B, T, H, V, dtype=torch.float64)
     labels = torch.randint(0, V, (B, T))

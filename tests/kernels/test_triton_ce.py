@@ -164,7 +164,7 @@ def test_td_mode_accepts_int8_mask_and_gamma_one():
 
     _, row_weight = weighted_ce_chunk_(logits, targets, scale, None, td)
 
-    # SPEC §2 acceptance: td = [0.2, 0.2, 0.1] -> weights exp(td / 0.9)
+    # worked example of docs/DESIGN.md: td = [0.2, 0.2, 0.1] -> weights exp(td / 0.9)
     want = torch.exp(torch.tensor([0.2, 0.2, 0.1]) / 0.9)
     torch.testing.assert_close(row_weight.cpu(), want, rtol=1e-5, atol=0)
 
