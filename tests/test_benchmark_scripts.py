@@ -134,3 +134,16 @@ def test_pytest_benchmark_writes_results_only_when_asked(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"RESULTS.md", "results-cpu.json", "frontier.png"}
     assert "| 1, 64, 4, 128, 8000 | ours-td |" in (tmp_path / "RESULTS.md").read_text()
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == tracked
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--impls", "fused,flash"], "--impls must name some of"),
+        (["--steps", "2", "--warmup", "2"], "--steps (2) must exceed --warmup (2)"),
+    ],
+)
+def test_bench_train_refuses_bad_arguments(args, message):
+    cmd = [sys.executable, "benchmarks/bench_train.py", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and message in out.stderr
