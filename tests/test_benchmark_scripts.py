@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from benchmarks.frontier import pareto
+from benchmarks.impls import TD_BETA, loss_of, make_case
 from benchmarks.results_table import render_table, with_floor_rows
 from benchmarks.timing import interleaved_rounds, ratio_summary
+from wmtp_kernels.reference import weighted_mtp_loss_from_hidden
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
@@ -147,3 +149,26 @@ def test_bench_train_refuses_bad_arguments(args, message):
     cmd = [sys.executable, "benchmarks/bench_train.py", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.parametrize(
+    "impl", ["naive", "ours", "ours-td", pytest.param("cce", marks=pytest.mark.slow), "liger"]
+)
+def test_every_implementation_computes_the_reference_loss(impl):
+    """The peers get precomputed row targets and factors: they must compute the same loss and gradients."""
+    if impl == "cce":
+        pytest.importorskip("cut_cross_entropy")
+    if impl == "liger":
+        pytest.importorskip("liger_kernel")
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("Liger-Kernel's Triton kernels need CUDA or TRITON_INTERPRET=1")
+    case = make_case((2, 7, 4, 8, 50), torch.float32, "cpu")
+    hidden, weight = case["hidden"], case["weight"]
+    source = {"values": case["values"], "rewards": case["rewards"], "beta": TD_BETA}
+    truth = weighted_mtp_loss_from_hidden(hidden, weight, case["labels"], **source)
+    truth_grads = torch.autograd.grad(truth, [hidden, weight])
+    got = loss_of(impl, case)
+    grads = torch.autograd.grad(got, [hidden, weight])
+    torch.testing.assert_close(got, truth, rtol=1e-5, atol=1e-6)
+    for g, t in zip(grads, truth_grads):
+        torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-6)
