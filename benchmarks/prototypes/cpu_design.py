@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.measure import parse_shape  # noqa: E402
-from benchmarks.timing import interleaved_rounds, ratio_summary, time_call  # noqa: E402
+from benchmarks.timing import interleaved_rounds, ratio_summary  # noqa: E402
 
 MIB = 2**20
 
@@ -218,7 +218,6 @@ def curve(shape, chunks, rounds):
     n, dim = x.shape
     vocab = w.shape[0]
     full = torch.empty(n, vocab)
-    pieces = {}
 
     def per_chunk(chunk):
         buf = torch.empty(chunk, vocab)
@@ -246,21 +245,23 @@ def curve(shape, chunks, rounds):
                 "softmax": lambda: torch.ops.aten._softmax.out(full, 1, False, out=full)}  # fmt: skip
     full.normal_()
     names = list(buf_full)
-    base = {k: statistics.median(time_call(buf_full[k], "cpu") for _ in range(rounds)) for k in names}
-    print(f"shape {shape}: the same piece over all {n} rows at once (ms): "
-          + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in base.items()))  # fmt: skip
-    print("| chunk rows | " + " | ".join(names) + " | pieces / 3-GEMM floor |")
+    print(f"shape {shape}: each piece summed over the chunks / the same piece over all {n} rows at once "
+          f"(median of {rounds} interleaved rounds)")  # fmt: skip
+    print("| chunk rows | " + " | ".join(names) + " | logits + softmax + dh + dW / the same at once |")
     print("|---|" + "---|" * (len(names) + 1))
-    floor_s = base["logits"] + base["dh"] + base["dW row-major"]
     for chunk in chunks:
         run = per_chunk(chunk)
         run("logits")
+        ratio, chunked_s, whole_s = {}, {}, {}
         for k in names:
-            timed = [time_call(lambda k=k, run=run: run(k), "cpu") for _ in range(rounds)]
-            pieces[k] = statistics.median(timed)
-        total = pieces["logits"] + pieces["softmax"] + pieces["dh"] + pieces["dW row-major"]
-        cells = " | ".join(f"{pieces[k] / base[k]:.2f}×" for k in names)
-        print(f"| {chunk} | {cells} | {total / floor_s:.3f}× |", flush=True)
+            pair = {"whole": buf_full[k], "chunks": lambda k=k, run=run: run(k)}
+            times = interleaved_rounds(pair, rounds, "cpu", before_each=lambda: None)
+            ratio[k] = ratio_summary(times["chunks"], times["whole"])["ratio"]
+            chunked_s[k], whole_s[k] = statistics.median(times["chunks"]), statistics.median(times["whole"])
+        parts = ("logits", "softmax", "dh", "dW row-major")
+        total = sum(chunked_s[k] for k in parts) / sum(whole_s[k] for k in parts)
+        cells = " | ".join(f"{ratio[k]:.2f}×" for k in names)
+        print(f"| {chunk} | {cells} | {total:.3f}× |", flush=True)
 
 
 DESIGNS = {
