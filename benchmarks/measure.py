@@ -1,28 +1,40 @@
-"""Measure one implementation in a fresh process: best-of-N time and extra peak memory.
+"""Measure one implementation in a fresh process: its extra peak memory, and optionally its time.
 
-Run as ``python benchmarks/measure.py IMPL B,T,H,d,V DTYPE DEVICE [CHUNK]``; prints one JSON line.
+    python benchmarks/measure.py IMPL --shape B,T,H,d,V [--shape ...] [--dtype float32] [--device cpu]
+        [--chunk C] [--rounds R]
 
-CPU memory: the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) during one step minus
-the RSS before it, minus the bytes of the gradients the step creates (hidden and W): the memory
-beyond inputs and gradients. glibc is told to return large blocks at once (``MALLOC_MMAP_THRESHOLD_``,
-set by the parent) so that freed chunks do not hide in the heap. CUDA: ``max_memory_allocated``.
+prints one JSON line per shape: ``extra_bytes`` (peak memory of one step beyond inputs and gradients),
+``loss`` and, with ``--rounds R > 0``, ``times_s`` / ``floor_times_s``: R rounds of the implementation and
+the 3-GEMM floor timed back to back (``benchmarks/timing.py``).
+
+Memory on CPU: the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) during one step minus
+the RSS before it, minus the bytes of the gradients the step creates (hidden and W). glibc is told to
+return large blocks at once (``MALLOC_MMAP_THRESHOLD_``, see :func:`run_fresh`) so that freed chunks do
+not hide in its heap. CUDA: ``max_memory_allocated`` during the step minus the allocation before it,
+minus the gradients. A warm-up step (``torch.compile``, autotuning, allocator) precedes the measured one.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
+import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.impls import make_case, step  # noqa: E402
+from benchmarks.impls import IMPLS, clear_grads, floor_gemms, make_case, step  # noqa: E402
+from benchmarks.timing import interleaved_rounds  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _status_kib(field):
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):
@@ -30,53 +42,82 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _clear_grads(case):
-    case["hidden"].grad = None
-    case["weight"].grad = None
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(impl, shape, dtype, device, chunk_size=None, repeats=3):
-    """``{"time_s": best of repeats, "extra_bytes": peak beyond inputs and gradients}``."""
-    case = make_case(shape, dtype, device)
-    step(impl, case, chunk_size)  # warm-up (torch.compile, allocator)
-    grad_bytes = sum(case[k].numel() * case[k].element_size() for k in ("hidden", "weight"))
-    grad_bytes = 0 if impl == "floor" else grad_bytes
-    _clear_grads(case)
+def extra_bytes_of_step(
+    impl: str, case: dict, device: str, chunk_size: int | None
+) -> tuple[int, float | None]:
+    """Peak bytes of one step beyond inputs and gradients, and the step's loss."""
+    grad_bytes = (
+        0 if impl == "floor" else sum(case[k].numel() * case[k].element_size() for k in ("hidden", "weight"))
+    )
+    clear_grads(case)
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(impl, case, chunk_size)
+        loss = step(impl, case, chunk_size)
         torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before - grad_bytes
+        peak = torch.cuda.max_memory_allocated()
     else:
         before = _status_kib("VmRSS") * 1024
-        _reset_peak()
-        step(impl, case, chunk_size)
-        extra = _status_kib("VmHWM") * 1024 - before - grad_bytes
-    times = []
-    for _ in range(repeats):
-        _clear_grads(case)
-        _sync(device)
-        start = time.perf_counter()
-        step(impl, case, chunk_size)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"time_s": min(times), "times_s": times, "extra_bytes": extra}
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        loss = step(impl, case, chunk_size)
+        peak = _status_kib("VmHWM") * 1024
+    return peak - before - grad_bytes, None if loss is None else float(loss)
+
+
+def measure(impl, shape, dtype, device, chunk_size=None, rounds=0) -> dict:
+    """Warm-up, one memory-measured step, then ``rounds`` interleaved rounds against the floor."""
+    case = make_case(shape, dtype, device)
+    step(impl, case, chunk_size)
+    extra, loss = extra_bytes_of_step(impl, case, device, chunk_size)
+    dtype_name = str(dtype).removeprefix("torch.")
+    result = {"impl": impl, "shape": list(shape), "dtype": dtype_name, "device": device, "chunk": chunk_size,
+              "extra_bytes": extra, "loss": loss}  # fmt: skip
+    if rounds:
+        fns = {"impl": lambda: step(impl, case, chunk_size), "floor": lambda: floor_gemms(case)}
+        times = interleaved_rounds(fns, rounds, device, before_each=lambda: clear_grads(case))
+        result.update(times_s=times["impl"], floor_times_s=times["floor"])
+    return result
+
+
+def run_fresh(impl, shapes, dtype: str, device: str, chunk=None, rounds=0, timeout=None) -> list[dict]:
+    """:func:`measure` in a new process (one JSON row per shape); raises with its stderr on failure."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.join(HERE, "measure.py"), impl, "--dtype", dtype, "--device", device]
+    cmd += [arg for s in shapes for arg in ("--shape", ",".join(map(str, s)))]
+    cmd += ["--rounds", str(rounds)] + (["--chunk", str(chunk)] if chunk else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"B,T,H,d,V"`` -> a 5-tuple of ints (argparse type)."""
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) != 5 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be five positive ints B,T,H,d,V, got {text!r}")
+    return parts
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("impl", choices=IMPLS)
+    p.add_argument("--shape", type=parse_shape, action="append", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--chunk", type=int, default=None, help="chunk_size of ours (default: its own)")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds against the floor (0: memory only)")
+    args = p.parse_args(argv)
+    for shape in args.shape:
+        row = measure(args.impl, shape, getattr(torch, args.dtype), args.device, args.chunk, args.rounds)
+        print(json.dumps(row), flush=True)
+        gc.collect()  # the shape's tensors, before the next shape
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    impl, shape_arg, dtype_arg, device_arg = sys.argv[1:5]
-    chunk = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] != "None" else None
-    shape = tuple(int(x) for x in shape_arg.split(","))
-    print(json.dumps(measure(impl, shape, getattr(torch, dtype_arg), device_arg, chunk)))
+    main()
