@@ -96,7 +96,7 @@ def test_merged_export_and_adapters_file_equal_the_adapted_model(lora_run):
     merged, _ = load_meta_checkpoint(out / "export", dtype=torch.float32)
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     base = build_model(trainer.builder.args, device="meta")
-    base.load_state_dict(trainer.builder.initial_state("", adapted=False), assign=True)
+    base.load_state_dict(trainer.builder.initial_state(""), assign=True)
     assert load_lora_adapters(base, out / "export") == trainer.config.lora
     ids = torch.randint(0, 260, (3, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -137,5 +137,5 @@ def test_rho1_reference_is_the_unadapted_base(data, tmp_path):
     reference = trainer.stages["stage2"].weighting.reference
     assert not any(isinstance(m, LoRALinear) for m in reference.modules())
     assert any(isinstance(m, LoRALinear) for m in trainer.model.modules())
-    base = trainer.builder.initial_state("", adapted=False)
+    base = trainer.builder.initial_state("")
     assert all(torch.equal(base[k], v) for k, v in full_state(reference).items())

@@ -62,7 +62,7 @@ class ModelBuilder:
             )
         return args
 
-    def initial_state(self, checkpoint_dir: str, adapted: bool) -> dict[str, torch.Tensor]:
+    def initial_state(self, checkpoint_dir: str, adapted: bool = False) -> dict[str, torch.Tensor]:
         """Full (unsharded) initial weights: a Meta checkpoint, or a fresh init seeded by ``run.seed``.
 
         Initialising a full model (rather than sharded DTensors) makes the initial weights independent
