@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from wmtp_kernels import WeightingOptions
+from wmtp_train.model.lora import LoRAOptions
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 RUN_CONFIG_FILE = "config.toml"
@@ -320,6 +321,9 @@ class TrainConfig:
     """TD-error token weights, ``w = clamp(exp(td / beta), min_weight, max_weight)`` (the ``[td]`` table:
     gamma, beta, min_weight, max_weight, terminal; docs/DESIGN.md, "TD errors" and "Weights")."""
     rho1: Rho1Config = field(default_factory=Rho1Config)
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
+    """Low-rank adapters instead of full fine-tuning (the ``[lora]`` table: enabled, rank, alpha, dropout,
+    trunk_targets, head_targets, train_output_head; ``wmtp_train.model.lora``)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)

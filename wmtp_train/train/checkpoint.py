@@ -21,7 +21,9 @@ is used.
 What the trainer saves (all ranks; :class:`Checkpointer`): ``app`` (model and optimizer, sharded through
 ``torch.distributed.checkpoint.state_dict`` so they reload under FSDP2), ``lr_scheduler``, ``sampler``,
 ``running_ev``, ``trainer`` (step, stage, counters), the stage's extras (the value-head snapshot V_old)
-and ``rng.rank{r}`` (torch / numpy / python generator states of rank r, restored on the same rank).
+and ``rng.rank{r}`` (torch / numpy / python generator states of rank r, restored on the same rank). A LoRA
+run saves only what it trains (adapters, value head, optionally the output head) and their optimizer
+state, plus ``frozen_base``: a fingerprint of the frozen base it reloads from its source on resume.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import random
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+
+from wmtp_train.train.parallelize import all_reduce
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +68,89 @@ class ModelOptimizerState(Stateful):
     Args:
         model: the (possibly FSDP2-sharded) model.
         optimizer: its optimizer, or None to save / load the model alone.
+        saved: which model parameters are saved and restored (by state-dict key); None = all. A LoRA run
+            passes ``LoRAOptions.is_trained``: the frozen base is reloaded from its source instead.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        saved: Callable[[str], bool] | None = None,
+    ):
         self.model = model
         self.optimizer = optimizer
+        self.saved = saved
 
     def state_dict(self) -> dict[str, Any]:
         """``{"model": ..., "optim": ...}`` sharded state dicts."""
         optimizers = [] if self.optimizer is None else [self.optimizer]
         model_sd, optim_sd = get_state_dict(self.model, optimizers)
+        if self.saved is not None:
+            model_sd = {key: value for key, value in model_sd.items() if self.saved(key)}
         return {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the dicts produced by :meth:`state_dict`."""
+        """Load the dicts produced by :meth:`state_dict` (the unsaved parameters are left as they are)."""
         optimizers = [] if self.optimizer is None else [self.optimizer]
         set_state_dict(
             self.model,
             optimizers,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict.get("optim", {}),
+            options=StateDictOptions(strict=self.saved is None),
         )
+
+
+class FrozenBase(Stateful):
+    """A fingerprint of the frozen base weights a LoRA checkpoint does not hold: per-tensor float64 sums
+    (over all shards). Saved with the checkpoint and compared on load, so resuming on other base weights
+    (another ``model.checkpoint_dir`` or ``run.seed``) is an error rather than a silently different model.
+
+    Args:
+        model: the (possibly FSDP2-sharded) model.
+        is_trained: the parameters that are not the base (by name).
+        device: the training device (the sums of sharded parameters are all-reduced on it).
+    """
+
+    def __init__(self, model: nn.Module, is_trained: Callable[[str], bool], device: torch.device):
+        self.model = model
+        self.is_trained = is_trained
+        self.device = device
+
+    def _sums(self) -> dict[str, torch.Tensor]:
+        base = [(name, p) for name, p in self.model.named_parameters() if not self.is_trained(name)]
+        sums = torch.zeros(len(base), dtype=torch.float64)
+        sharded = torch.zeros(len(base), dtype=torch.bool)
+        for i, (_, param) in enumerate(base):
+            local = param.to_local() if isinstance(param, DTensor) else param
+            sums[i] = torch.sum(local.detach(), dtype=torch.float64).cpu()
+            sharded[i] = isinstance(param, DTensor)
+        sums = torch.where(sharded, all_reduce(sums * sharded, self.device), sums)
+        return {name: sums[i] for i, (name, _) in enumerate(base)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: float64 sum}`` of every base parameter (collective)."""
+        return self._sums()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Compare the saved fingerprint with the current base (collective).
+
+        Raises:
+            CheckpointError: a base parameter differs from the one the checkpoint was trained on.
+        """
+        current = self._sums()
+        differ = [
+            name
+            for name, value in current.items()
+            if not torch.allclose(state_dict[name], value, rtol=1e-9, atol=1e-9)
+        ]
+        if differ:
+            raise CheckpointError(
+                f"the frozen base differs from the one this LoRA checkpoint was trained on ({len(differ)} "
+                f"tensors, e.g. {differ[:3]}); resume with the run's model.checkpoint_dir / model.preset "
+                "and run.seed (its config.toml)"
+            )
 
 
 class RNGState(Stateful):

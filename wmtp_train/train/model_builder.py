@@ -1,5 +1,5 @@
-"""The run's models: their arguments, their initial weights, built sharded on the training device, and the
-final consolidated export."""
+"""The run's models: their arguments, their initial weights (with LoRA adapters when ``[lora]`` is on), built
+sharded on the training device, and the final consolidated export (merged, plus the adapters file)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from wmtp_train.config import TrainConfig
 from wmtp_train.model import (
     ModelArgs,
     MTPTransformer,
+    apply_lora,
     build_model,
     checkpoint_args,
+    export_lora_adapters,
     export_meta_checkpoint,
     load_meta_checkpoint,
+    merge_lora_state,
     resolve_args,
 )
 from wmtp_train.train.parallelize import DistInfo, parallelize_model
@@ -59,15 +62,17 @@ class ModelBuilder:
             )
         return args
 
-    def initial_state(self, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    def initial_state(self, checkpoint_dir: str, adapted: bool = False) -> dict[str, torch.Tensor]:
         """Full (unsharded) initial weights: a Meta checkpoint, or a fresh init seeded by ``run.seed``.
 
         Initialising a full model (rather than sharded DTensors) makes the initial weights independent
         of the world size, so 1-rank and N-rank runs start identical. The seed also covers the fresh
-        value head of a Meta checkpoint: every rank must take its shard of the same initialisation.
+        value head of a Meta checkpoint and the LoRA adapters: every rank must take its shard of the same
+        initialisation. This is also how a LoRA run gets its frozen base back on resume.
 
         Args:
             checkpoint_dir: a consolidated checkpoint directory, or ``""`` for a fresh model.
+            adapted: add the ``[lora]`` adapters (initialised after the base, from the same seed).
 
         Returns:
             The state dict.
@@ -78,28 +83,45 @@ class ModelBuilder:
                 model, _ = load_meta_checkpoint(
                     checkpoint_dir, device="cpu", max_seq_len=self.args.max_seq_len
                 )
-                return model.state_dict()
-            return build_model(self.args, device="cpu").state_dict()
+            else:
+                model = build_model(self.args, device="cpu")
+            if adapted:
+                apply_lora(model, self.config.lora)
+            return model.state_dict()
 
-    def build(self, checkpoint_dir: str) -> MTPTransformer:
+    def build(self, checkpoint_dir: str, adapted: bool = True) -> MTPTransformer:
         """The model on the training device, parallelised as ``[parallel]`` says (collective).
 
         Args:
             checkpoint_dir: where the initial weights come from (see :meth:`initial_state`).
+            adapted: add LoRA adapters when ``lora.enabled`` (False for a frozen reference model).
 
         Returns:
             The model (train mode, every parameter requiring grad).
         """
-        model = parallelize_model(
-            build_model(self.args, device="meta"), self.config.parallel, self.info.device
-        )
+        adapted = adapted and self.config.lora.enabled
+        model = build_model(self.args, device="meta")
+        if adapted:
+            apply_lora(model, self.config.lora)
+        model = parallelize_model(model, self.config.parallel, self.info.device)
         model.to_empty(device=self.info.device)
-        full = self.initial_state(checkpoint_dir)
+        full = self.initial_state(checkpoint_dir, adapted)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
         return model
 
+    def base_source(self) -> dict[str, str | int]:
+        """Where the run's initial weights come from: ``model.checkpoint_dir``, else ``model.preset`` and
+        ``run.seed`` (recorded with LoRA adapters, whose frozen base is not saved with them)."""
+        cfg = self.config
+        if cfg.model.checkpoint_dir:
+            return {"checkpoint_dir": cfg.model.checkpoint_dir, "seed": cfg.run.seed}
+        return {"preset": cfg.model.preset, "seed": cfg.run.seed}
+
     def export(self, model: MTPTransformer, directory: Path) -> Path | None:
         """Gather the full model and write the consolidated Meta-format export (collective; rank 0 writes).
+
+        With LoRA the adapters are merged into the exported weights (``W + alpha / r * B A``), and the
+        adapters alone are written beside them (:data:`~wmtp_train.model.lora.ADAPTERS_FILE`).
 
         Args:
             model: the (possibly sharded) model.
@@ -111,6 +133,10 @@ class ModelBuilder:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = None
         if self.info.is_main:
+            lora = self.config.lora
+            if lora.enabled:
+                export_lora_adapters(full, lora, self.base_source(), directory)
+                full = merge_lora_state(full, lora.scaling)
             plain = build_model(self.args, device="meta")
             plain.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)
             path = export_meta_checkpoint(plain, directory)

@@ -33,7 +33,7 @@ from wmtp_train.data.index import OffsetIndex
 from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler
 from wmtp_train.eval.metrics import explained_variance_from_moments
 from wmtp_train.model import ModelArgs, MTPTransformer
-from wmtp_train.train.checkpoint import ModelOptimizerState
+from wmtp_train.train.checkpoint import FrozenBase, ModelOptimizerState
 from wmtp_train.train.lr_schedule import warmup_cosine
 from wmtp_train.train.metrics import ReducedStep, RunningExplainedVariance, StepStats
 from wmtp_train.train.parallelize import DistInfo, all_reduce, full_tensor
@@ -181,19 +181,30 @@ class Stage(ABC):
         """
         cfg = self.settings
         self.select_parameters()
+        lora = self.ctx.config.lora
+        if lora.enabled:  # LoRA narrows every stage's choice to the adapters and the fully trained parts
+            for name, param in self.ctx.model.named_parameters():
+                if not lora.is_trained(name):
+                    param.requires_grad_(False)
         params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg.lr, cfg.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         self.sampler = self.make_sampler(index)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The stage's checkpoint entries (DCP ``Stateful`` objects, restored in place)."""
-        return {
-            "app": ModelOptimizerState(self.ctx.model, self.optimizer),
+        """The stage's checkpoint entries (DCP ``Stateful`` objects, restored in place); with LoRA the
+        model entry holds only what LoRA trains, and ``frozen_base`` fingerprints the rest."""
+        model, lora = self.ctx.model, self.ctx.config.lora
+        saved = lora.is_trained if lora.enabled else None
+        state = {
+            "app": ModelOptimizerState(model, self.optimizer, saved),
             "lr_scheduler": self.scheduler,
             "sampler": self.sampler,
             "running_ev": self.running_ev,
         }
+        if lora.enabled:
+            state["frozen_base"] = FrozenBase(model, lora.is_trained, self.ctx.info.device)
+        return state
 
     def next_indices(self) -> list[list[int]]:
         """Dataset indices of this rank's micro-batches for the next step (advances the sampler)."""

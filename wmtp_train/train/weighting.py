@@ -116,7 +116,9 @@ class Rho1Weighting(TokenWeighting):
 
     def __init__(self, config: TrainConfig, builder: ModelBuilder):
         super().__init__(config, builder)
-        self.reference = builder.build(config.rho1.reference_checkpoint or config.model.checkpoint_dir)
+        self.reference = builder.build(
+            config.rho1.reference_checkpoint or config.model.checkpoint_dir, adapted=False
+        )
         self.reference.requires_grad_(False)
 
     def loss_inputs(self, model: MTPTransformer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
