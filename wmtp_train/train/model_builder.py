@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 
 from wmtp_train.config import TrainConfig
 from wmtp_train.model import (
@@ -81,6 +82,21 @@ class ModelBuilder:
                 return model.state_dict()
             return build_model(self.args, device="cpu").state_dict()
 
+    def allocate(self, mesh: DeviceMesh | None = None) -> MTPTransformer:
+        """The model parallelised as ``[parallel]`` says and allocated on the training device, its weights
+        not yet set (collective).
+
+        Args:
+            mesh: the data-parallel mesh (see :func:`~wmtp_train.train.parallelize.parallelize_model`).
+
+        Returns:
+            The model.
+        """
+        model = build_model(self.args, device="meta")
+        model = parallelize_model(model, self.config.parallel, self.info.device, mesh)
+        model.to_empty(device=self.info.device)
+        return model
+
     def build(self, checkpoint_dir: str) -> MTPTransformer:
         """The model on the training device, parallelised as ``[parallel]`` says (collective).
 
@@ -90,10 +106,7 @@ class ModelBuilder:
         Returns:
             The model (train mode, every parameter requiring grad).
         """
-        model = parallelize_model(
-            build_model(self.args, device="meta"), self.config.parallel, self.info.device
-        )
-        model.to_empty(device=self.info.device)
+        model = self.allocate()
         full = self.initial_state(checkpoint_dir)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
         return model
