@@ -299,10 +299,16 @@ def _allocator_peak(prof: Any, stage: str) -> int:
     return peak
 
 
-def _run_stages(config: TrainConfig, info: DistInfo, mesh: Any, to_device: Any, device_type: str):
-    measure = mesh is None
+def _run_stages(config: TrainConfig, info: DistInfo, fake_mesh: Any, to_device: Any, device_type: str):
+    """Two steps of every stage under the tracker; yields a :class:`StagePeak` per stage. ``fake_mesh``:
+    the fake process group's mesh (estimation: the model is allocated, not initialised) or None (the real
+    process group; on CUDA the stage's ``max_memory_allocated`` is recorded as ``measured``)."""
+    cuda = info.device.type == "cuda"
     builder = ModelBuilder(config, info, load_tokenizer(config.model.checkpoint_dir or None).vocab_size)
-    model = builder.build(config.model.checkpoint_dir) if measure else builder.allocate(mesh)
+    if fake_mesh is None:
+        model = builder.build(config.model.checkpoint_dir)
+    else:
+        model = builder.allocate(fake_mesh)
     model.train()
     args, state = builder.args, TrainerState()
     stages = build_stages(StageContext(config, model, args, info, state), builder)
@@ -325,6 +331,9 @@ def _run_stages(config: TrainConfig, info: DistInfo, mesh: Any, to_device: Any, 
         tracker = FSDPMemTracker(model, stage.optimizer)
         tracker.track_inputs((batches, _stage_tensors(stage, model)))
         counter = LossOpCounter(tracker)
+        if cuda:
+            torch.cuda.synchronize(info.device)
+            torch.cuda.reset_peak_memory_stats(info.device)
         with torch.profiler.record_function(name), tracker, counter:
             for _ in range(STEPS_PER_STAGE):
                 _record_every_module(tracker, model)
@@ -346,6 +355,7 @@ def _run_stages(config: TrainConfig, info: DistInfo, mesh: Any, to_device: Any, 
             tracked_at_loss=counter.tracked_after,
             stream_allowance=_stream_allowance(model, config, device_type),
             loss_calls=counter.calls,
+            measured=torch.cuda.max_memory_allocated(info.device) if cuda else None,
         )
         stage.release()
 
@@ -397,22 +407,15 @@ def measure_memory(config: TrainConfig, info: DistInfo) -> list[StagePeak]:
     """
     device_type = info.device.type
     cfg = estimation_config(config, device_type)
-    peaks = []
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        if device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats(info.device)
-        for peak in _run_stages(cfg, info, None, lambda t: t.to(info.device), device_type):
-            measured = torch.cuda.max_memory_allocated(info.device) if device_type == "cuda" else None
-            peaks.append((peak, measured))
-            if device_type == "cuda":
-                torch.cuda.reset_peak_memory_stats(info.device)
-    worst = [_allocator_peak(prof, peak.stage) if measured is None else measured for peak, measured in peaks]
+        peaks = list(_run_stages(cfg, info, None, lambda t: t.to(info.device), device_type))
+    worst = [_allocator_peak(prof, p.stage) if p.measured is None else p.measured for p in peaks]
     if dist.is_initialized() and dist.get_world_size() > 1:  # the planning figure is the worst rank's
         worst_ranks = torch.tensor(worst, dtype=torch.float64, device=info.device)
         dist.all_reduce(worst_ranks, op=dist.ReduceOp.MAX)
         worst = [int(v) for v in worst_ranks.tolist()]
-    return [dataclasses.replace(peak, measured=value) for (peak, _), value in zip(peaks, worst)]
+    return [dataclasses.replace(peak, measured=value) for peak, value in zip(peaks, worst)]
 
 
 def format_report(peaks: list[StagePeak], config: TrainConfig, world_size: int, device_type: str) -> str:
