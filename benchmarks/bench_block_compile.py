@@ -24,6 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 
+def _cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="micro")
@@ -50,16 +56,17 @@ def main() -> None:
         config = load_recipe("verifiable", overrides)
         builder = ModelBuilder(config, info, load_tokenizer(None).vocab_size)
         model = builder.build("")
-        stage = build_stages(StageContext(config, model, builder.args, info, TrainerState("stage2")), builder)
-        stage["stage2"].prepare()
-        return stage["stage2"], builder.args
+        context = StageContext(config, model, builder.args, info, TrainerState(stage="stage2"))
+        stage = build_stages(context, builder)["stage2"]
+        stage.prepare()
+        return stage, builder.args
 
     stages = {"eager": make_stage(False), "compiled": make_stage(True)}
     model_args = stages["eager"][1]
-    batches = [
-        {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in synthetic_batch(model_args, args.batch, args.seq, i).items()}
-        for i in range(args.steps)
-    ]  # fmt: skip
+    batches = []
+    for i in range(args.steps):
+        batch = synthetic_batch(model_args, args.batch, args.seq, seed=i)
+        batches.append({k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()})
     compile_s = {}
     for name, (stage, _) in stages.items():
         start = time.perf_counter()
@@ -83,7 +90,7 @@ def main() -> None:
                 "benchmark": "stage-2 step, parallel.compile on vs off",
                 "preset": args.preset,
                 "micro_batch": f"{args.batch} x {args.seq}",
-                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else platform.processor(),
+                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else _cpu_name(),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "date": datetime.date.today().isoformat(),

@@ -72,8 +72,8 @@ def main() -> int:
     for est, real in zip(estimated, measured):
         ratio = est.peak / real.measured
         ok &= abs(ratio - 1) <= TOLERANCE
-        parts.append(f"{est.stage} estimate {est.peak / 2**20:.0f} MiB, measured {real.measured / 2**20:.0f} MiB "
-                     f"({ratio:.3f})")  # fmt: skip
+        mib = (est.peak / 2**20, real.measured / 2**20)
+        parts.append(f"{est.stage} estimate {mib[0]:.0f} MiB, measured {mib[1]:.0f} MiB ({ratio:.3f})")
     verdict = "within" if ok else "NOT within"
     print(f"gpu_7b_step: {preset}, {args.batch} x {args.seq}, {name}: {'; '.join(parts)}; {verdict} 10 %")
     return 0 if ok else 1

@@ -5,7 +5,8 @@ stage 1 and stage 2 of the ``verifiable`` recipe (bf16 parameters, fp32 gradient
 whether it fits an 80 GB H100 with 10 % headroom. Prints a Markdown table (one row per estimate, as it
 finishes), then the model FLOPs per token. Each estimate takes about a minute on a laptop-class CPU.
 
-    python benchmarks/plan_7b.py [--worlds 8 16] [--seqs 2048 4096] [--batches 1 2 4] [--checkpointing none full]
+    python benchmarks/plan_7b.py [--worlds 8 16] [--seqs 2048 4096] [--batches 1 2 4] \
+        [--checkpointing none full]
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def main() -> None:
     def fits(peak: int) -> str:
         return "yes" if peak <= BUDGET else "no"
 
-    print("| world | seq | micro-batch | checkpointing | stage 1 peak (GiB) | stage 2 peak (GiB) | fits: stage 1 / 2 |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ["world", "seq", "micro-batch", "checkpointing", "stage 1 peak (GiB)", "stage 2 peak (GiB)"]
+    print("| " + " | ".join([*columns, "fits: stage 1 / 2"]) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     grid = itertools.product(args.worlds, args.seqs, args.checkpointing, args.batches)
     for world, seq, mode, batch in grid:
         overrides = [
@@ -61,8 +63,8 @@ def main() -> None:
         )
     model = resolve_args("7b_1t_4")
     for seq in args.seqs:
-        per_stage = {stage: flops_per_token(model, seq, stage) / 1e9 for stage in ("stage1", "stage2")}
-        print(f"FLOPs per token at {seq}: stage 1 {per_stage['stage1']:.1f} G, stage 2 {per_stage['stage2']:.1f} G")
+        stage1, stage2 = (flops_per_token(model, seq, stage) / 1e9 for stage in ("stage1", "stage2"))
+        print(f"FLOPs per token at {seq}: stage 1 {stage1:.1f} G, stage 2 {stage2:.1f} G")
 
 
 if __name__ == "__main__":

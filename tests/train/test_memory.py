@@ -4,6 +4,7 @@ real tensors, 2 gloo ranks, the CPU allocator's peak), and the estimator's piece
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,11 @@ def test_synthetic_batch_trains_every_token_after_bos():
     args = resolve_args("micro")
     batch = synthetic_batch(args, 3, 10, seed=1)
     assert batch["input_ids"].shape == (3, 10) and int(batch["input_ids"].max()) < args.vocab_size
-    assert batch["attention_mask"].all() and batch["loss_mask"][:, 1:].all() and not batch["loss_mask"][:, 0].any()
+    assert (
+        batch["attention_mask"].all()
+        and batch["loss_mask"][:, 1:].all()
+        and not batch["loss_mask"][:, 0].any()
+    )
     assert batch["rewards"].tolist() == [1.0, 0.0, 1.0]
     # head k predicts labels[t + k] from t = 0 .. T - 1 - k: T - k rows per head and sequence
     assert int(prediction_counts(batch["labels"], batch["attention_mask"], 4).sum()) == 3 * (9 + 8 + 7 + 6)
@@ -83,3 +88,24 @@ def test_loss_workspace_follows_the_kernel_chunk_budget():
     assert loss_workspace_bytes(args, rows, torch.bfloat16, "cuda") == expected
     # fewer rows than a chunk: the chunk is the rows
     assert loss_workspace_bytes(args, 100, torch.float32, "cpu") == 100 * (32000 + 3 * 4096) * 4 + 100 * 80
+
+
+GPU_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_7b_step.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the real 7B-width step")
+def test_gpu_script_says_so_in_one_line_without_cuda():
+    proc = subprocess.run([sys.executable, str(GPU_SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().count("\n") == 0
+    assert proc.stdout.startswith("gpu_7b_step: skipped (no CUDA device)")
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_the_cpu():
+    """The GPU check's whole path (estimate, then the measured steps on a one-rank group) at micro width."""
+    args = [sys.executable, str(GPU_SCRIPT), "--dry-run", "--seq", "32", "--batch", "2"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_7b_step: micro_5_layers, 2 x 32, cpu (dry run): stage1 estimate")
+    assert last.endswith("within 10 %")

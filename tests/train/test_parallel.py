@@ -11,16 +11,15 @@ import torch
 from trainer_utils import tiny_config, write_tiny_jsonl
 
 from wmtp_train.config import load_recipe
-from wmtp_train.data.tokenizer import load_tokenizer
 from wmtp_train.model import build_model
-from wmtp_train.train.memory import LossOpCounter, synthetic_batch
-from wmtp_train.train.model_builder import ModelBuilder
-from wmtp_train.train.parallelize import checkpointed_blocks, full_tensor, init_distributed, transformer_blocks
-from wmtp_train.train.stages import build_stages
-from wmtp_train.train.step import StageContext, TrainerState
+from wmtp_train.train.memory import LossOpCounter
+from wmtp_train.train.parallelize import (
+    checkpointed_blocks,
+    transformer_blocks,
+)
 from wmtp_train.train.trainer import train
 
-WORKER = Path(__file__).with_name("checkpointing_worker.py")
+WORKER = Path(__file__).with_name("step_worker.py")
 
 
 def test_checkpointed_blocks_are_the_documented_subsets():
@@ -34,63 +33,56 @@ def test_checkpointed_blocks_are_the_documented_subsets():
         load_recipe("baseline", ["parallel.activation_checkpoint=some"])
 
 
+def run_steps(tmp_path, recipe, variants, nproc=1):
+    """:mod:`step_worker`'s results for each variant (one process, or ``nproc`` under torchrun)."""
+    out = tmp_path / "results.pt"
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(out), recipe, *variants], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def assert_same_step(result, reference, rtol, atol):
+    assert result["loss"] == pytest.approx(reference["loss"], rel=rtol)
+    assert result["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.distributed
 def test_activation_checkpointing_on_two_ranks_recomputes_blocks_not_the_loss(tmp_path):
     """Same loss and gradients (bitwise here: the recomputation repeats the same fp32 kernels); every
     checkpointed block runs twice per micro-batch, the fused loss once (its forward already computes its
     gradients, so a recomputation would be a whole wasted pass over the vocabulary)."""
-    out = tmp_path / "results.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    proc = subprocess.run([*cmd, str(out), "none", "full", "selective"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = torch.load(out)
-    reference = results["none"]
+    modes = {mode: f"parallel.activation_checkpoint={mode}" for mode in ("none", "full", "selective")}
+    results = run_steps(tmp_path, "verifiable", list(modes.values()), nproc=2)
+    reference = results[modes["none"]]
     assert reference["block_calls"] == [2] * 8  # two micro-batches
     expected_blocks = {"full": [4] * 8, "selective": [4, 2] * 4}
     for mode in ("full", "selective"):
-        result = results[mode]
+        result = results[modes[mode]]
         assert result["loss_calls"] == reference["loss_calls"] == 2
         assert result["block_calls"] == expected_blocks[mode]
-        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
-        assert result["grads"].keys() == reference["grads"].keys()
-        for name, grad in reference["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def _stage2_step(compile_blocks: bool):
-    """Loss and gradients of one stage-2 step (baseline recipe, micro model, one rank)."""
-    overrides = ["model.preset=micro", "run.device=cpu", f"parallel.compile={str(compile_blocks).lower()}"]
-    overrides += ["stage2.micro_batch_size=2", "data.max_len=32", "stage2.max_grad_norm=0"]
-    config = load_recipe("baseline", overrides)
-    info = init_distributed("cpu")
-    builder = ModelBuilder(config, info, load_tokenizer(None).vocab_size)
-    model = builder.build("")
-    stage = build_stages(StageContext(config, model, builder.args, info, TrainerState(stage="stage2")), builder)
-    stage = stage["stage2"]
-    stage.prepare()
-    grads = {}
-    finish = stage._finish_update
-
-    def record_gradients(applied, norm):
-        grads.update({n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None})
-        finish(applied, norm)
-
-    stage._finish_update = record_gradients
-    result = stage.step([synthetic_batch(builder.args, 2, 32, seed=0)])
-    return result.metrics["total_loss"], grads
+        assert_same_step(result, reference, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager():
+def test_compiled_blocks_match_eager(tmp_path):
     """Inductor fuses and reorders float32 arithmetic, so agreement is to a relative 1e-4, not bitwise."""
-    torch._dynamo.reset()
-    eager_loss, eager_grads = _stage2_step(compile_blocks=False)
-    compiled_loss, compiled_grads = _stage2_step(compile_blocks=True)
-    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
-    assert compiled_grads.keys() == eager_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    eager, compiled = "parallel.compile=false", "parallel.compile=true"
+    checkpointed = f"{compiled},parallel.activation_checkpoint=full"
+    results = run_steps(tmp_path, "verifiable", [eager, compiled, checkpointed])
+    assert results[compiled]["block_calls"] == results[eager]["block_calls"] == [2] * 8
+    assert (
+        results[checkpointed]["block_calls"] == [4] * 8
+    )  # the checkpoint hooks stay around the compiled forward
+    for variant in (compiled, checkpointed):
+        assert_same_step(results[variant], results[eager], rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_mixed_precision_trains_stage2_after_stage1(tmp_path):

@@ -305,10 +305,7 @@ def _run_stages(config: TrainConfig, info: DistInfo, fake_mesh: Any, to_device: 
     process group; on CUDA the stage's ``max_memory_allocated`` is recorded as ``measured``)."""
     cuda = info.device.type == "cuda"
     builder = ModelBuilder(config, info, load_tokenizer(config.model.checkpoint_dir or None).vocab_size)
-    if fake_mesh is None:
-        model = builder.build(config.model.checkpoint_dir)
-    else:
-        model = builder.allocate(fake_mesh)
+    model = builder.build(config.model.checkpoint_dir) if fake_mesh is None else builder.allocate(fake_mesh)
     model.train()
     args, state = builder.args, TrainerState()
     stages = build_stages(StageContext(config, model, args, info, state), builder)
