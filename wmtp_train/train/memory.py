@@ -20,12 +20,13 @@ What the tracker cannot see is added explicitly and reported on its own line:
   a one-stream simulation: the *stream allowance*.
 
 Synthetic batches are the worst case: every sequence ``data.max_len`` tokens long and every token after
-bos trained. ``parallel.compile`` is ignored (compiled blocks use at most the memory of eager ones); the
-``rho1`` weighting cannot be estimated (its top-k selection reads a token count from the device).
+bos trained. ``parallel.compile`` is ignored: the estimate is for eager blocks (Inductor's partitioner
+usually saves fewer activations). The ``rho1`` weighting cannot be estimated (its top-k selection reads a
+token count from the device).
 
-``measure=True`` runs the same steps on real tensors in a real process group (``torchrun``) and reports,
-next to the tracker's figures, the peak that the CPU allocator or CUDA's caching allocator saw during each
-stage: that is how the estimate is validated (``benchmarks/validate_memory.py``).
+:func:`measure_memory` runs the same steps on real tensors in a real process group (``torchrun``) and
+reports, next to the tracker's figures, the peak that the CPU allocator or CUDA's caching allocator saw
+during each stage: that is how the estimate is validated (``benchmarks/validate_memory.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from wmtp_train.train.step import StageContext, TrainerState
 
 STEPS_PER_STAGE = 2
 """The first step creates AdamW's state; the second is the steady state."""
-GIB = 2**30
 LOSS_ROW_BYTES = 80
 """Upper bound of the fused loss's per-row bookkeeping (row layout, targets, scales, weights, CE)."""
 
@@ -95,7 +95,7 @@ class StagePeak:
     loss_calls: int
     """Forward calls of the fused loss over the stage's steps (activation checkpointing must not add any)."""
     measured: int | None = None
-    """With ``measure=True``: the allocator's peak during the stage's steps."""
+    """From :func:`measure_memory`: the allocator's peak during the stage's steps (the worst rank's)."""
 
     @property
     def peak(self) -> int:
