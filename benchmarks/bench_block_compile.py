@@ -5,7 +5,7 @@ forward compiled, each with its own ``verifiable`` stage 2; the same synthetic f
 After ``--warmup`` steps each (compilation), ``--rounds`` alternating blocks of ``--steps`` steps; reports
 the median tokens/s of each and the median of the per-round ratios. Prints one JSON object.
 
-    python benchmarks/bench_block_compile.py [--preset micro] [--batch 4] [--seq 384] [--rounds 5]
+    python benchmarks/bench_block_compile.py [--preset micro] [--batch 4] [--seq 384] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--preset", default="micro")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=384)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
 
     from wmtp_train.config import load_recipe
