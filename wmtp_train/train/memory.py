@@ -244,9 +244,9 @@ def _stream_allowance(model: nn.Module, config: TrainConfig, device_type: str) -
     return numel * param_bytes + (numel * 4 if trained else 0)
 
 
-def _stage_tensors(stage: Any, model: nn.Module) -> list[torch.Tensor]:
-    """Tensors of the stage's own state besides the model and the optimizer (e.g. the V_old copy)."""
-    modules = [m for m in stage.checkpoint_state().values() if isinstance(m, nn.Module) and m is not model]
+def _stage_tensors(stage: Any) -> list[torch.Tensor]:
+    """Tensors of the modules a stage keeps besides the model (stage 2's V_old copy of the value head)."""
+    modules = [m for m in vars(stage).values() if isinstance(m, nn.Module)]
     return [t for m in modules for t in m.state_dict().values()]
 
 
@@ -326,7 +326,7 @@ def _run_stages(config: TrainConfig, info: DistInfo, fake_mesh: Any, to_device: 
         stage.prepare()
         stage.read_back = False
         tracker = FSDPMemTracker(model, stage.optimizer)
-        tracker.track_inputs((batches, _stage_tensors(stage, model)))
+        tracker.track_inputs((batches, _stage_tensors(stage)))
         counter = LossOpCounter(tracker)
         if cuda:
             torch.cuda.synchronize(info.device)
