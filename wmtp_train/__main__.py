@@ -128,32 +128,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _memory_report(config: TrainConfig, args: argparse.Namespace) -> int:
+    """``--estimate-memory`` (fake tensors, ``--world-size`` ranks) or ``--measure-memory`` (this job)."""
+    import torch.distributed as dist
+
     from wmtp_train.train import memory
+    from wmtp_train.train.parallelize import init_distributed
 
     if args.estimate_memory == args.measure_memory:
         print("config error: give one of --estimate-memory and --measure-memory", file=sys.stderr)
         return 2
+    if args.estimate_memory and (args.world_size is None or args.world_size < 1):
+        print("config error: --estimate-memory needs --world-size N (N >= 1)", file=sys.stderr)
+        return 2
+    device = "cpu" if config.run.device == "cpu" else "cuda"
     try:
-        if args.estimate_memory:
-            if args.world_size is None or args.world_size < 1:
-                print("config error: --estimate-memory needs --world-size N (N >= 1)", file=sys.stderr)
-                return 2
-            device = "cpu" if config.run.device == "cpu" else "cuda"
-            peaks = memory.estimate_memory(config, args.world_size, device)
-            print(memory.format_report(peaks, config, args.world_size, device))
-            return 0
-        import torch.distributed as dist
-
-        from wmtp_train.train.parallelize import init_distributed
-
-        info = init_distributed(config.run.device)
-        try:
-            peaks = memory.measure_memory(config, info)
-        finally:
-            dist.destroy_process_group()
+        memory.estimation_config(config, device)  # what cannot be estimated, before any work
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.estimate_memory:
+        peaks = memory.estimate_memory(config, args.world_size, device)
+        print(memory.format_report(peaks, config, args.world_size, device))
+        return 0
+    info = init_distributed(config.run.device)
+    try:
+        peaks = memory.measure_memory(config, info)
+    finally:
+        dist.destroy_process_group()
     if info.is_main:
         print(memory.format_report(peaks, config, info.world_size, info.device.type))
     return 0

@@ -116,7 +116,7 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Stage 0: process group and FSDP2."""
+    """Stage 0: process group, FSDP2, activation checkpointing and per-block compilation."""
 
     fsdp: bool = True
     """Shard with FSDP2 ``fully_shard`` (per block, then head + value head, then root)."""
