@@ -14,9 +14,9 @@ buffers, ``O(N)`` row data and an ``[V]`` float32 bias accumulator. The weight g
 in the weight's dtype (as Liger-Kernel does): for bfloat16 it is rounded once per chunk, which the
 large default chunks keep to a few roundings; a float32 accumulator would cost ``4 V d`` bytes.
 
-Chunk size: ``chunk_size`` rows, or by default ``budget // (V * itemsize)`` rows (at least 16, at most
-:data:`MAX_CHUNK_ROWS`), with the budget :data:`CHUNK_BUDGET_BYTES` per device type, then balanced
-so all chunks have nearly equal size. The chunk primitive is the backend's (``ChunkFn`` in
+Chunk size: ``chunk_size`` rows, or by default ``budget // (V * itemsize)`` rows within
+:data:`CHUNK_ROWS_BOUNDS`, with the budget :data:`CHUNK_BUDGET_BYTES` per device type (others: the CPU's),
+then balanced so all chunks have nearly equal size. The chunk primitive is the backend's (``ChunkFn`` in
 :mod:`wmtp_kernels._common`): Triton's ``weighted_ce_chunk_`` or the torch path's ``linear_chunk_``.
 """
 
@@ -35,16 +35,19 @@ from wmtp_kernels._common import RowWeights, triton_chunk_fn
 # Bytes of the [C, V] logits chunk by default. CPU: 64 MiB is 512 float32 rows at V = 32000 (measured
 # within a few % of the 3-GEMM floor, see benchmarks/RESULTS.md), under a tenth of the naive
 # implementation's extra memory. CUDA: every chunk reads and rewrites the whole [V, d] weight gradient,
-# which on an H100 costs about 167 / C of the chunk's three GEMMs, so chunks are as long as the memory
+# which on an H100 costs about 175 / C of the chunk's three GEMMs, so chunks are as long as the memory
 # targets allow: at most 448 MiB of logits (under 0.5 GiB in all at V = 128256) and 3072 rows (under
 # 0.25 GiB at V = 32000). Measured in benchmarks/KERNEL_NOTES.md ("CUDA chunk length").
+# CPU: below 256 rows every GEMM of the loop loses efficiency (the whole [V, d] weight and its gradient
+# are streamed per chunk), so the budget never gives fewer: at V = 128256 that is 126 MiB instead of 63,
+# and 1.08-1.14x the floor instead of 1.20-1.26x (benchmarks/KERNEL_NOTES.md, "The CPU path").
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 448 * 2**20}
-MAX_CHUNK_ROWS = {"cuda": 3072}
-MIN_CHUNK_ROWS = 16
+CHUNK_ROWS_BOUNDS = {"cpu": (256, None), "cuda": (16, 3072)}
+"""Per device type, the fewest and the most rows (None: no limit) a default chunk has."""
 
 
 def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
-    """Rows per chunk from the memory budget: ``max(16, budget // (V * itemsize))``, capped per device.
+    """Rows per chunk from the memory budget, ``budget // (V * itemsize)``, within the device's bounds.
 
     Args:
         vocab: V.
@@ -54,9 +57,10 @@ def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
     Returns:
         The number of rows.
     """
-    budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
-    rows = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize))
-    return min(rows, MAX_CHUNK_ROWS.get(device_type, rows))
+    kind = device_type if device_type in CHUNK_BUDGET_BYTES else "cpu"
+    fewest, most = CHUNK_ROWS_BOUNDS[kind]
+    rows = max(fewest, CHUNK_BUDGET_BYTES[kind] // (vocab * itemsize))
+    return rows if most is None else min(rows, most)
 
 
 def balanced_chunk_rows(n_rows: int, max_rows: int) -> int:
