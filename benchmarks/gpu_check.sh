@@ -2,17 +2,20 @@
 # All GPU work of the project in one command (about 8 minutes on one H100); see benchmarks/README.md.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--wheels DIR] [--budget SECONDS] [--tests-limit SECONDS]
-#                                [--skip-tests] [--skip-bench] [--dry-run]
+#                                [--step-limit SECONDS] [--skip-tests] [--skip-step] [--skip-bench]
+#                                [--dry-run]
 #
 # 1. installs the wheels in --wheels (Liger-Kernel, cut-cross-entropy; benchmarks/fetch_wheels.sh) into a
 #    private target directory, if there are any;
 # 2. CUDA parity: pytest -m gpu over every test file with a gpu-marked test, plus the compiled Triton
 #    chunk primitive's tests (tests/kernels/test_triton_ce.py), at most --tests-limit seconds;
-# 3. the loss benchmark (benchmarks/gpu_bench.py) in the time left of --budget;
-# 4. writes RESULTS-cuda.md, results-cuda.json, gpu-tests.log, gpu-bench.log and nvidia-smi.txt into
-#    --out, and RESULTS-cuda.md into benchmarks/ as well.
-# Without a CUDA device it prints one line and exits 0. Exit status: non-zero if a test failed or the
-# benchmark could not run.
+# 3. a real training step at the 7B width against the memory estimator (benchmarks/gpu_7b_step.py), at
+#    most --step-limit seconds;
+# 4. the loss benchmark (benchmarks/gpu_bench.py) in the time left of --budget;
+# 5. writes RESULTS-cuda.md, results-cuda.json, gpu-tests.log, gpu-7b-step.log, gpu-bench.log and
+#    nvidia-smi.txt into --out, and RESULTS-cuda.md into benchmarks/ as well.
+# Without a CUDA device it prints one line and exits 0. Exit status: non-zero if a test failed, the 7B-width
+# step's peak differed from the estimate by more than 10 % (or it failed), or the benchmark could not run.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,12 +24,14 @@ OUT="$ROOT/benchmarks"
 WHEELS="$ROOT/benchmarks/wheels"
 BUDGET=480
 TESTS_LIMIT=150
+STEP_LIMIT=120
 RUN_TESTS=1
+RUN_STEP=1
 RUN_BENCH=1
 DRY_RUN=0
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_value() {
@@ -49,15 +54,19 @@ while [[ $# -gt 0 ]]; do
         --wheels) need_value "$@"; WHEELS="$2"; shift 2 ;;
         --budget) need_value "$@"; need_seconds "$1" "$2"; BUDGET="$2"; shift 2 ;;
         --tests-limit) need_value "$@"; need_seconds "$1" "$2"; TESTS_LIMIT="$2"; shift 2 ;;
+        --step-limit) need_value "$@"; need_seconds "$1" "$2"; STEP_LIMIT="$2"; shift 2 ;;
         --skip-tests) RUN_TESTS=0; shift ;;
+        --skip-step) RUN_STEP=0; shift ;;
         --skip-bench) RUN_BENCH=0; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-if [[ "$TESTS_LIMIT" -ge "$BUDGET" && "$RUN_TESTS" == 1 && "$RUN_BENCH" == 1 ]]; then
-    echo "gpu_check: --tests-limit ($TESTS_LIMIT s) leaves nothing of --budget ($BUDGET s) for the benchmark" >&2
+BEFORE_BENCH=$((RUN_TESTS * TESTS_LIMIT + RUN_STEP * STEP_LIMIT))
+if [[ "$BEFORE_BENCH" -ge "$BUDGET" && "$RUN_BENCH" == 1 ]]; then
+    echo "gpu_check: --tests-limit + --step-limit ($BEFORE_BENCH s) leaves nothing of --budget" \
+        "($BUDGET s) for the benchmark" >&2
     exit 2
 fi
 
@@ -72,6 +81,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     echo "gpu_check plan (dry run): out=$OUT budget=${BUDGET}s tests-limit=${TESTS_LIMIT}s"
     echo "wheels (${#WHEEL_FILES[@]}): ${WHEEL_FILES[*]:-none in $WHEELS}"
     [[ "$RUN_TESTS" == 1 ]] && echo "tests: $PYTHON -m pytest -m gpu $GPU_TEST_FILES tests/kernels/test_triton_ce.py"
+    [[ "$RUN_STEP" == 1 ]] && echo "7B-width step: $PYTHON benchmarks/gpu_7b_step.py (at most ${STEP_LIMIT}s)"
     [[ "$RUN_BENCH" == 1 ]] && echo "bench: $PYTHON benchmarks/gpu_bench.py --out $OUT --budget-s <what is left>"
     exit 0
 fi
@@ -106,6 +116,13 @@ if [[ "$RUN_TESTS" == 1 ]]; then
     [[ "$TESTS_RC" == 124 ]] && SUMMARY="stopped after ${TESTS_LIMIT} s; last line: ${SUMMARY:-none}"
     NOTE="CUDA tests (pytest -m gpu + test_triton_ce.py): ${SUMMARY:-no summary line} (exit $TESTS_RC)."
     [[ "$TESTS_RC" != 0 ]] && STATUS=1
+fi
+
+if [[ "$RUN_STEP" == 1 ]]; then
+    timeout "$STEP_LIMIT" "$PYTHON" benchmarks/gpu_7b_step.py 2>&1 | tee "$OUT/gpu-7b-step.log"
+    STEP_RC=$?
+    NOTE="$NOTE 7B-width step against the estimate: $(tail -n 1 "$OUT/gpu-7b-step.log") (exit $STEP_RC)."
+    [[ "$STEP_RC" != 0 ]] && STATUS=1
 fi
 
 if [[ "$RUN_BENCH" == 1 ]]; then

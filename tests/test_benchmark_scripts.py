@@ -36,6 +36,7 @@ def test_gpu_check_dry_run_prints_the_plan(tmp_path):
     assert f"out={tmp_path / 'o'} budget=400s" in out.stdout
     assert f"none in {tmp_path}" in out.stdout
     assert "tests/kernels/test_cuda_parity.py" in out.stdout  # found by its gpu marker
+    assert "benchmarks/gpu_7b_step.py" in out.stdout
     assert "benchmarks/gpu_bench.py --out" in out.stdout
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
@@ -48,6 +49,8 @@ def test_gpu_check_dry_run_prints_the_plan(tmp_path):
         (["--tests-limit", "0"], "--tests-limit must be a positive number of seconds"),
         (["--out", "--dry-run"], "--out needs a value"),
         (["--budget", "100", "--tests-limit", "100"], "leaves nothing of --budget"),
+        (["--budget", "200", "--tests-limit", "100", "--step-limit", "100"], "(200 s) leaves nothing"),
+        (["--step-limit", "x"], "--step-limit must be a positive number of seconds"),
         (["--gpu"], "unknown argument '--gpu'"),
     ],
 )
