@@ -6,8 +6,9 @@ and a docstring wording; its canonical solution has one line per step (three for
 ``return``, and its hidden tests (``check(candidate)``, at least 5 assertions: edge cases, inputs around
 the constants, random inputs and the docstring example) hold the outputs of the canonical solution.
 
-A problem is kept only when every step matters (deleting any same-type step changes some test output)
-and the output is not constant over the tests, so no part is decoration. Problems are unique across the
+A problem is kept only when every step matters (deleting any same-type step changes some test output),
+the output is not constant over the tests (no part is decoration) and its solution has at least
+``MIN_MUTANTS`` distinct AST mutants. Problems are unique across the
 whole build by ``(template, constants)`` and by prompt text.
 
 Splits (``SPLITS``):
@@ -23,8 +24,8 @@ In both held-out splits a fraction ``novel_surface_rate`` of problems also uses 
 variable names, docstring frames and connectives that no training problem uses.
 
 Difficulty: composition depth sets the band (1: 1-3, 2: 4-7, 3: 8-11, the curriculum sampler's low /
-medium / high buckets); within a band, the template's size (``difficulty_score`` of its canonical
-solution: AST nodes + 4 x decision points) ranked among all type-valid chains of that depth.
+medium / high buckets); within a band, the template's size (the sum over its parts of
+``difficulty_score``: AST nodes + 4 x decision points) ranked among all type-valid chains of that depth.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from wmtp_train.data.humaneval import difficulty_score
-from wmtp_train.data.mutate import normalize_body
+from wmtp_train.data.mutate import mutate_body, normalize_body
 from wmtp_train.data.synthetic_parts import (
     CONNECTIVES,
     ENDING,
@@ -62,6 +63,8 @@ SPLITS = ("pretrain", "train", "heldout_problems", "heldout_compositions")
 HELDOUT_SPLITS = SPLITS[2:]
 DIFFICULTY_BANDS = {1: (1, 2, 3), 2: (4, 5, 6, 7), 3: (8, 9, 10, 11)}
 MIN_ASSERTIONS = 5
+#: Distinct mutants a problem's solution must have (fewer sites: the draw is rejected).
+MIN_MUTANTS = 3
 _STRING_ALPHABET = "abcdeilmnorstAEBO "
 _MAX_EXAMPLE_CHARS = 40
 
@@ -194,11 +197,23 @@ def _scores_by_depth() -> dict[int, list[int]]:
     }
 
 
+@functools.cache
+def part_size(name: str) -> int:
+    """``difficulty_score`` of a part's step on its own (a template's size is the sum over its parts).
+
+    Args:
+        name: the part's name.
+
+    Returns:
+        The size.
+    """
+    part = PARTS_BY_NAME[name]
+    constants = {slot.name: slot.values[0] for slot in part.slots}
+    return difficulty_score(part.code.format(i="v", o="v", **constants))
+
+
 def _template_score(chain: Sequence[str]) -> int:
-    parts = [PARTS_BY_NAME[name] for name in chain]
-    constants = [{slot.name: slot.values[0] for slot in part.slots} for part in parts]
-    names = {kind: pool[0] for kind, pool in VARIABLE_NAMES.items()}
-    return difficulty_score(render_solution(parts, constants, names))
+    return sum(part_size(name) for name in chain)
 
 
 def template_difficulty(chain: Sequence[str]) -> int:
@@ -319,7 +334,7 @@ def instantiate(
         if skippable and _run(render_solution(parts, constants, names, skip=j), argument, inputs) == outputs:
             return None
     examples = [i for i in range(3, len(inputs)) if _non_trivial(inputs[i]) and _non_trivial(outputs[i])]
-    if not examples or len(inputs) < MIN_ASSERTIONS:
+    if not examples or len(inputs) < MIN_ASSERTIONS or len(mutate_body(body, MIN_MUTANTS)) < MIN_MUTANTS:
         return None
     example = min(examples, key=lambda i: len(repr(inputs[i])) + len(repr(outputs[i])))
     frame = _surface_choice(rng, FRAMES[in_type], SEEN_VARIANTS["frames"], novel_surface)
@@ -351,7 +366,7 @@ def instantiate(
     )
 
 
-def _viable(chain: tuple[str, ...], rng: random.Random, seed: int, heldout: bool, tries: int = 30) -> bool:
+def _viable(chain: tuple[str, ...], rng: random.Random, seed: int, heldout: bool, tries: int = 12) -> bool:
     parts = [PARTS_BY_NAME[name] for name in chain]
     return any(instantiate(chain, rng, draw_constants(parts, rng, seed, heldout)) for _ in range(tries))
 
@@ -361,8 +376,8 @@ def build_catalogue(
 ) -> Catalogue:
     """Choose the seen and unseen templates (module docstring); unseen ones share no adjacent pair with seen.
 
-    Templates are picked from a shuffled list of all type-valid chains, each time the viable one whose
-    parts are least used so far, so every part appears in several compositions.
+    Templates are picked from a shuffled list of all type-valid chains: each time the first viable one
+    that contains the part used least so far, so every part appears in several compositions.
 
     Args:
         seed: the build seed.
@@ -380,17 +395,25 @@ def build_catalogue(
         rng.shuffle(pools[depth])
 
     def take(depth: int, n: int, reserved: set, heldout: bool) -> list[tuple[str, ...]]:
-        candidates = [c for c in pools[depth] if not set(itertools.pairwise(c)) & reserved]
+        containing: dict[str, list[tuple[str, ...]]] = {part.name: [] for part in PARTS}
+        for chain in pools[depth]:
+            if not set(itertools.pairwise(chain)) & reserved:
+                for name in dict.fromkeys(chain):
+                    containing[name].append(chain)
         uses: Counter = Counter()
+        tried: set = set()
         chosen: list[tuple[str, ...]] = []
-        while len(chosen) < n and candidates:
-            best = min(range(len(candidates)), key=lambda i: sum(uses[p] for p in candidates[i]))
-            chain = candidates.pop(best)
-            if _viable(chain, rng, seed, heldout):
-                chosen.append(chain)
-                uses.update(chain)
-        if len(chosen) < n:
-            raise ValueError(f"only {len(chosen)} viable {depth}-part templates, {n} requested")
+        while len(chosen) < n:
+            open_parts = [name for name, chains in containing.items() if chains]
+            if not open_parts:
+                raise ValueError(f"only {len(chosen)} viable {depth}-part templates, {n} requested")
+            rarest = min(open_parts, key=lambda name: uses[name])
+            chain = containing[rarest].pop(0)
+            if chain not in tried:
+                tried.add(chain)
+                if _viable(chain, rng, seed, heldout):
+                    chosen.append(chain)
+                    uses.update(chain)
         return chosen
 
     unseen = take(2, unseen_pairs, set(), True)

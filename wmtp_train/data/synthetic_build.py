@@ -33,7 +33,14 @@ from wmtp_train.data.humaneval import MANIFEST_FILE, _task_seed, checking_progra
 from wmtp_train.data.mutate import mutate_body
 from wmtp_train.data.records import CodeRecord
 from wmtp_train.data.sandbox_batch import check_programs
-from wmtp_train.data.synthetic import HELDOUT_SPLITS, SPLITS, Problem, build_catalogue, generate_split
+from wmtp_train.data.synthetic import (
+    HELDOUT_SPLITS,
+    MIN_MUTANTS,
+    SPLITS,
+    Problem,
+    build_catalogue,
+    generate_split,
+)
 from wmtp_train.data.synthetic_parts import PARTS, check_catalogue
 from wmtp_train.tokenizer import ByteTokenizer
 
@@ -219,7 +226,7 @@ def build_synthetic(
     catalogue, problems = generate_problems(params)
     jobs = [(problem, *variant) for problem in problems for variant in _completions(problem, params)]
     per_task = Counter(problem.task_id for problem, _, _ in jobs)
-    few = [p.task_id for p in problems if p.split != "pretrain" and per_task[p.task_id] < 4]
+    few = [p.task_id for p in problems if p.split != "pretrain" and per_task[p.task_id] < 1 + MIN_MUTANTS]
     log.info("labelling %d completions of %d problems in the sandbox", len(jobs), len(problems))
     outcomes, stats = check_programs(
         [checking_program(problem.to_human_eval(), completion) for problem, _, completion in jobs],
@@ -272,7 +279,7 @@ def build_synthetic(
             ),
             min_assertions=min(p.n_assertions for p in picked),
         )
-    summary["problems_with_fewer_than_3_mutants"] = few
+    summary["problems_with_too_few_mutants"] = few
     summary["sandbox"] = asdict(stats)
     summary["parts"] = {
         part.name: {
