@@ -14,17 +14,7 @@ from wmtp_train.data.records import MAX_DIFFICULTY
 from wmtp_train.data.samplers import CURRICULUM_BUCKETS, CurriculumSampler
 from wmtp_train.data.sandbox import run_program
 from wmtp_train.data.sandbox_batch import check_programs
-from wmtp_train.data.synthetic import (
-    DIFFICULTY_BANDS,
-    HELDOUT_SPLITS,
-    MIN_MUTANTS,
-    SPLITS,
-    draw_constants,
-    enumerate_chains,
-    instantiate,
-    render_solution,
-    template_difficulty,
-)
+from wmtp_train.data.synthetic import HELDOUT_SPLITS, SPLITS, build_catalogue
 from wmtp_train.data.synthetic_build import (
     SyntheticParams,
     build_synthetic,
@@ -40,6 +30,15 @@ from wmtp_train.data.synthetic_parts import (
     VARIABLE_NAMES,
     heldout_values,
     training_values,
+)
+from wmtp_train.data.synthetic_problem import (
+    DIFFICULTY_BANDS,
+    MIN_MUTANTS,
+    draw_constants,
+    enumerate_chains,
+    instantiate,
+    render_solution,
+    template_difficulty,
 )
 from wmtp_train.eval_metrics import mean_pass_at_k
 from wmtp_train.evaluate import HumanEvalOptions, score_completions
@@ -67,7 +66,7 @@ def _problems(data_dir):
 def test_catalogue_has_enough_templates_of_every_category():
     assert len(PARTS) >= 30
     assert {part.category for part in PARTS} == set(CATEGORIES)
-    catalogue = synthetic_build.build_catalogue(0, 60, 60, 16, 16)
+    catalogue = build_catalogue(0, 60, 60, 16, 16)
     assert len(catalogue.seen) + len(catalogue.unseen) >= 30
     for depth in (2, 3):
         assert sum(len(t) == depth for t in catalogue.unseen) == 16
@@ -78,7 +77,7 @@ def test_catalogue_has_enough_templates_of_every_category():
 
 
 def test_unseen_compositions_share_no_adjacent_pair_with_seen_templates():
-    catalogue = synthetic_build.build_catalogue(1, 60, 60, 16, 16)
+    catalogue = build_catalogue(1, 60, 60, 16, 16)
     seen_pairs = {pair for t in catalogue.seen for pair in itertools.pairwise(t)}
     unseen_pairs = {pair for t in catalogue.unseen for pair in itertools.pairwise(t)}
     assert not seen_pairs & unseen_pairs

@@ -33,15 +33,9 @@ from wmtp_train.data.humaneval import MANIFEST_FILE, _task_seed, checking_progra
 from wmtp_train.data.mutate import mutate_body
 from wmtp_train.data.records import CodeRecord
 from wmtp_train.data.sandbox_batch import check_programs
-from wmtp_train.data.synthetic import (
-    HELDOUT_SPLITS,
-    MIN_MUTANTS,
-    SPLITS,
-    Problem,
-    build_catalogue,
-    generate_split,
-)
+from wmtp_train.data.synthetic import HELDOUT_SPLITS, SPLITS, build_catalogue, generate_split
 from wmtp_train.data.synthetic_parts import PARTS, check_catalogue
+from wmtp_train.data.synthetic_problem import MIN_MUTANTS, Problem
 from wmtp_train.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
