@@ -72,7 +72,7 @@ class SyntheticParams:
     seen_triples: int = 60
     unseen_pairs: int = 16
     unseen_triples: int = 16
-    depth_weights: tuple[float, ...] = (0.2, 0.4, 0.4)
+    depth_weights: tuple[float, ...] = (0.3, 0.4, 0.3)
     novel_surface_rate: float = 0.5
     max_tokens: int = 384
     cpu_s: float = 2.0

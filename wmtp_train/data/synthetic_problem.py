@@ -304,7 +304,7 @@ def instantiate(
     if not examples or len(inputs) < MIN_ASSERTIONS or len(mutate_body(body, MIN_MUTANTS)) < MIN_MUTANTS:
         return None
     example = min(examples, key=lambda i: len(repr(inputs[i])) + len(repr(outputs[i])))
-    frame = _surface_choice(rng, FRAMES[in_type], SEEN_VARIANTS["frames"], novel_surface)
+    frame = _surface_choice(rng, FRAMES, SEEN_VARIANTS["frames"], novel_surface)
     connective = _surface_choice(rng, CONNECTIVES, SEEN_VARIANTS["connectives"], novel_surface)
     clauses = [rng.choice(part.wordings).format(**values) for part, values in zip(parts, constants)]
     doc = frame.format(v=argument) + connective.join(clauses) + ENDING
