@@ -6,15 +6,17 @@ held-out problems by ``(template, constants)`` too.
 Splits (``SPLITS``):
 
 - ``pretrain`` and ``train``: seen templates (every part alone, plus ``seen_pairs`` two-part and
-  ``seen_triples`` three-part chains), constants from the training values, seen names and wordings;
-- ``heldout_problems``: new problems of seen templates that have constants, with at least one constant
-  from the held-out values of its slot (values no training problem uses);
+  ``seen_triples`` three-part chains), constants from the training values, seen function names, frames
+  and connectives;
+- ``heldout_problems``: new problems of seen templates that have constants: a ``(template, constants)``
+  no training problem has; in a fraction ``heldout_constant_rate`` of them one constant comes from the
+  held-out values of its slot (values no training problem uses there, some above the training range);
 - ``heldout_compositions``: ``unseen_pairs`` + ``unseen_triples`` chains, none of whose adjacent part
   pairs occurs in any seen template, with constants drawn like ``heldout_problems``'.
 
 The two held-out splits differ only in whether the composition is new. In both, a fraction
-``novel_surface_rate`` of problems also uses reserved function names, variable names, docstring frames
-and connectives that no training problem uses.
+``novel_surface_rate`` of problems also uses a function name, docstring frame and connective that no
+training problem uses.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def generate_split(
     seed: int,
     depth_weights: Sequence[float],
     novel_surface_rate: float,
+    heldout_constant_rate: float,
     taken: set,
     fits: Callable[[Problem], bool] = lambda problem: True,
     tries_per_template: int = 50,
@@ -131,13 +134,14 @@ def generate_split(
     added to ``taken``, so training splits (generated after the held-out ones) cannot reuse it.
 
     Args:
-        split: one of :data:`SPLITS` (held-out splits draw held-out constants and may use novel surfaces).
+        split: one of :data:`SPLITS` (held-out splits may draw held-out constants and novel surfaces).
         n: how many problems.
         templates: the templates to draw from: a depth is drawn by ``depth_weights``, then the next
             template of that depth in a shuffled rotation.
         seed: the build seed.
         depth_weights: relative weight of depths 1, 2, 3 (depths with no template are skipped).
-        novel_surface_rate: fraction of held-out problems with reserved names and wordings.
+        novel_surface_rate: fraction of held-out problems with a reserved function name, frame and connective.
+        heldout_constant_rate: fraction of held-out problems with a held-out constant.
         taken: prompts and held-out keys already used (updated).
         fits: extra acceptance test (e.g. the token budget).
         tries_per_template: failed draws after which a template leaves the rotation.
@@ -149,7 +153,7 @@ def generate_split(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     heldout = split in HELDOUT_SPLITS
     rng = random.Random(f"wmtp-synthetic:{seed}:{split}")
-    if split == "heldout_problems":  # a seen template is only new with a held-out constant
+    if split == "heldout_problems":  # a seen template without constants has no new problem
         templates = [t for t in templates if any(PARTS_BY_NAME[name].slots for name in t)]
     rotation = {d: [t for t in templates if len(t) == d] for d in DIFFICULTY_BANDS}
     for chains in rotation.values():
@@ -164,7 +168,8 @@ def generate_split(
         parts = [PARTS_BY_NAME[name] for name in chain]
         for _ in range(tries_per_template):
             novel = heldout and rng.random() < novel_surface_rate
-            problem = instantiate(chain, rng, draw_constants(parts, rng, seed, heldout), novel)
+            novel_constant = heldout and rng.random() < heldout_constant_rate and any(p.slots for p in parts)
+            problem = instantiate(chain, rng, draw_constants(parts, rng, seed, novel_constant), novel)
             if problem is None or not fits(problem):
                 continue
             key = (problem.template, problem.constants)
@@ -173,7 +178,7 @@ def generate_split(
             taken.add(problem.prompt)
             if heldout:
                 taken.add(key)
-            problems.append(dataclasses.replace(problem, split=split))
+            problems.append(dataclasses.replace(problem, split=split, novel_constant=novel_constant))
             chains.append(chain)
             break
         else:

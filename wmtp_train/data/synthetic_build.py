@@ -4,7 +4,8 @@
 :data:`~wmtp_train.data.synthetic.SPLITS`:
 
 - ``<split>.jsonl``: records in the HumanEval data's schema (``task_id, prompt, completion, is_correct,
-  difficulty``, plus provenance: ``variant``, ``template``, ``depth``, ``novel_surface``). ``pretrain``
+  difficulty``, plus provenance: ``variant``, ``template``, ``depth``, ``novel_surface``,
+  ``novel_constant``). ``pretrain``
   holds each problem's canonical solution only (plain MTP pre-training needs no labels); the other
   splits hold the canonical solution and up to ``mutants`` AST mutants of it. Every completion, the
   canonical one included, is labelled by running ``prompt + completion + test + check(entry_point)`` in
@@ -57,7 +58,9 @@ class SyntheticParams:
         seen_pairs, seen_triples: two- and three-part templates of the training splits.
         unseen_pairs, unseen_triples: templates of ``heldout_compositions``.
         depth_weights: relative weights of depths 1, 2, 3 when drawing a problem's template.
-        novel_surface_rate: fraction of held-out problems with reserved names and wordings.
+        novel_surface_rate: fraction of held-out problems with a reserved function name, docstring frame
+            and connective.
+        heldout_constant_rate: fraction of held-out problems with one constant from the held-out values.
         max_tokens: byte tokens allowed for bos + prompt + canonical solution + eos (plus a margin for
             mutants); longer draws are rejected.
         cpu_s: CPU-time limit per test program.
@@ -74,6 +77,7 @@ class SyntheticParams:
     unseen_triples: int = 16
     depth_weights: tuple[float, ...] = (0.3, 0.4, 0.3)
     novel_surface_rate: float = 0.5
+    heldout_constant_rate: float = 0.5
     max_tokens: int = 384
     cpu_s: float = 2.0
     memory_mb: int = 512
@@ -90,8 +94,9 @@ class SyntheticParams:
             )
         if len(self.depth_weights) != 3 or min(self.depth_weights) < 0 or not sum(self.depth_weights) > 0:
             raise ValueError(f"depth_weights must be 3 non-negative weights, got {self.depth_weights}")
-        if not 0 <= self.novel_surface_rate <= 1:
-            raise ValueError(f"novel_surface_rate must be in [0, 1], got {self.novel_surface_rate}")
+        for name in ("novel_surface_rate", "heldout_constant_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def split_sizes(self) -> dict[str, int]:
         """Problems per split (rounded; the last split takes the remainder)."""
@@ -170,6 +175,7 @@ def generate_problems(params: SyntheticParams) -> tuple[dict, list[Problem]]:
             params.seed,
             params.depth_weights,
             params.novel_surface_rate,
+            params.heldout_constant_rate,
             taken,
             fits,
         )
@@ -244,7 +250,8 @@ def build_synthetic(
             passed = outcome == "pass"
             record = CodeRecord(problem.task_id, problem.prompt, completion, passed, problem.difficulty)
             extra = {"variant": variant, "template": problem.template, "depth": problem.depth}
-            line = json.dumps({**asdict(record), **extra, "novel_surface": problem.novel_surface})
+            novel = {"novel_surface": problem.novel_surface, "novel_constant": problem.novel_constant}
+            line = json.dumps({**asdict(record), **extra, **novel})
             files[problem.split].write(line + "\n")
             label = "correct" if passed else "incorrect"
             split_counts = summary["splits"].setdefault(problem.split, {"correct": 0, "incorrect": 0})
@@ -265,6 +272,7 @@ def build_synthetic(
             templates=len({p.template for p in picked}),
             by_depth={d: sum(p.depth == d for p in picked) for d in (1, 2, 3)},
             novel_surface=sum(p.novel_surface for p in picked),
+            novel_constant=sum(p.novel_constant for p in picked),
             tokens=_length_stats(
                 [len(tokenizer.encode(p.prompt + p.canonical_solution)) + 2 for p in picked]
             ),

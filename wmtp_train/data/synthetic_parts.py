@@ -1,14 +1,15 @@
-"""The parts that synthetic code tasks are composed of: typed one-step transformations with code and wordings.
+"""The parts that synthetic code tasks are composed of: typed one-step transformations with code and a clause.
 
 A *part* maps a value of one type (``list`` of ints, ``int`` or ``str``) to a value of another type
 (``list``, ``int``, ``str`` or ``bool``). It carries the code of the step (a format string over the input
-variable ``{i}``, the output variable ``{o}`` and its constant slots such as ``{k}``), two wordings of the
-step for the docstring, and the domain of each constant slot. A task chains one to three parts; its
-canonical solution is one statement per one-line part (three lines for a loop part) and ``return``.
+variable ``{i}``, the output variable ``{o}`` and its constant slots such as ``{k}``), the step's clause
+for the docstring, and the domain of each constant slot. A task chains one to three parts; its canonical
+solution is one statement per one-line part (three lines for a loop part) and ``return``.
 
 Each slot's domain has *training values* and *held-out values*: a deterministic quarter of the range plus
-an extension above the range that no training problem uses. Names and docstring frames likewise have
-reserved variants that only held-out problems use (see :mod:`wmtp_train.data.synthetic`).
+an extension above the range that no training problem uses. Function names, docstring frames and
+connectives likewise have reserved variants that only held-out problems use
+(see :mod:`wmtp_train.data.synthetic`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Part:
         category: one of :data:`CATEGORIES`.
         in_type, out_type: types of :data:`TYPES` (``bool`` only as an output: such parts end a chain).
         code: format string of the step's lines (``{i}`` input variable, ``{o}`` output variable, slots).
-        wordings: the docstring clauses, format strings over the slots.
+        wording: the step's docstring clause, a format string over the slots.
         slots: the constants.
     """
 
@@ -56,7 +57,7 @@ class Part:
     in_type: str
     out_type: str
     code: str
-    wordings: tuple[str, ...]
+    wording: str
     slots: tuple[Slot, ...] = ()
 
     @property
@@ -78,95 +79,53 @@ _L, _I, _S = "list", "int", "str"
 
 PARTS: tuple[Part, ...] = (
     # list -> list
-    Part("l_add", "list", _L, _L, "{o} = [x + {k} for x in {i}]",
-         ("add {k} to every number", "increase each number by {k}"), _k(1, 20, 6)),
-    Part("l_mul", "list", _L, _L, "{o} = [x * {k} for x in {i}]",
-         ("multiply every number by {k}", "scale each number by a factor of {k}"), _k(2, 9, 3)),
-    Part("l_gt", "list", _L, _L, "{o} = [x for x in {i} if x > {k}]",
-         ("keep only the numbers greater than {k}", "remove every number that is at most {k}"), _k(0, 15, 5)),
-    Part("l_lt", "list", _L, _L, "{o} = [x for x in {i} if x < {k}]",
-         ("keep only the numbers less than {k}", "remove every number that is at least {k}"), _k(0, 15, 5)),
-    Part("l_even", "list", _L, _L, "{o} = [x for x in {i} if x % 2 == 0]",
-         ("keep only the even numbers", "remove the odd numbers")),
-    Part("l_sort", "list", _L, _L, "{o} = sorted({i})",
-         ("sort the numbers in increasing order", "arrange the numbers from smallest to largest")),
-    Part("l_reverse", "list", _L, _L, "{o} = {i}[::-1]",
-         ("reverse the order of the numbers", "put the numbers in reverse order")),
-    Part("l_head", "list", _L, _L, "{o} = {i}[:{k}]",
-         ("keep only the first {k} numbers", "cut the list after its first {k} numbers"), _k(1, 5, 2)),
-    Part("l_square", "list", _L, _L, "{o} = [x * x for x in {i}]",
-         ("square every number", "replace each number by its square")),
+    Part("l_add", "list", _L, _L, "{o} = [x + {k} for x in {i}]", "add {k} to every number", _k(1, 9, 3)),
+    Part("l_mul", "list", _L, _L, "{o} = [x * {k} for x in {i}]", "multiply every number by {k}",
+         _k(2, 9, 2)),
+    Part("l_gt", "list", _L, _L, "{o} = [x for x in {i} if x > {k}]", "keep the numbers greater than {k}",
+         _k(0, 9, 3)),
+    Part("l_even", "list", _L, _L, "{o} = [x for x in {i} if x % 2 == 0]", "keep the even numbers"),
+    Part("l_sort", "list", _L, _L, "{o} = sorted({i})", "sort the numbers"),
+    Part("l_reverse", "list", _L, _L, "{o} = {i}[::-1]", "reverse the list"),
     Part("l_double_even", "condition", _L, _L, "{o} = [x * 2 if x % 2 == 0 else x for x in {i}]",
-         ("double the even numbers and leave the odd ones unchanged",
-          "multiply each even number by 2, keeping the odd numbers as they are")),
+         "double the even numbers, keep the odd ones"),
     # list -> int
-    Part("a_sum", "aggregate", _L, _I, "{o} = sum({i})",
-         ("take the sum of the numbers", "add up all the numbers")),
-    Part("a_max", "aggregate", _L, _I, "{o} = max({i}, default=0)",
-         ("take the largest number, or 0 if there is none", "find the maximum of the numbers (0 if empty)")),
-    Part("a_len", "aggregate", _L, _I, "{o} = len({i})",
-         ("count the numbers", "take how many numbers there are")),
-    Part("a_count", "aggregate", _L, _I, "{o} = {i}.count({k})",
-         ("count how many numbers are equal to {k}", "count the occurrences of {k}"), _k(0, 9, 4)),
+    Part("a_sum", "aggregate", _L, _I, "{o} = sum({i})", "take the sum"),
+    Part("a_max", "aggregate", _L, _I, "{o} = max({i}, default=0)", "take the maximum (0 if empty)"),
+    Part("a_len", "aggregate", _L, _I, "{o} = len({i})", "count the numbers"),
     Part("a_product", "loop", _L, _I, "{o} = 1\nfor x in {i}:\n    {o} *= x",
-         ("multiply all the numbers together (1 if there are none)",
-          "take the product of the numbers, or 1 if there are none")),
+         "take the product (1 if empty)"),
     # int -> int
-    Part("i_add", "arithmetic", _I, _I, "{o} = {i} + {k}",
-         ("add {k} to the number", "increase the number by {k}"), _k(1, 30, 10)),
-    Part("i_sub", "arithmetic", _I, _I, "{o} = {i} - {k}",
-         ("subtract {k} from the number", "decrease the number by {k}"), _k(1, 30, 10)),
-    Part("i_mul", "arithmetic", _I, _I, "{o} = {i} * {k}",
-         ("multiply the number by {k}", "scale the number by a factor of {k}"), _k(2, 9, 3)),
-    Part("i_div", "arithmetic", _I, _I, "{o} = {i} // {k}",
-         ("divide the number by {k}, rounding down", "integer-divide the number by {k} (round down)"),
-         _k(2, 9, 3)),
-    Part("i_mod", "arithmetic", _I, _I, "{o} = {i} % {k}",
-         ("take the remainder of the number modulo {k} (never negative)",
-          "reduce the number modulo {k} (the result is not negative)"), _k(2, 9, 3)),
+    Part("i_add", "arithmetic", _I, _I, "{o} = {i} + {k}", "add {k}", _k(1, 20, 5)),
+    Part("i_mul", "arithmetic", _I, _I, "{o} = {i} * {k}", "multiply by {k}", _k(2, 9, 2)),
+    Part("i_mod", "arithmetic", _I, _I, "{o} = {i} % {k}", "take the remainder modulo {k}", _k(2, 9, 2)),
     Part("i_halve_or_add", "condition", _I, _I, "{o} = {i} // 2 if {i} % 2 == 0 else {i} + {k}",
-         ("halve the number if it is even, otherwise add {k} to it",
-          "if the number is even divide it by 2, else increase it by {k}"), _k(1, 9, 4)),
+         "halve it if even, else add {k}", _k(1, 9, 3)),
     Part("i_digit_sum", "loop", _I, _I, "{o} = 0\nfor d in str(abs({i})):\n    {o} += int(d)",
-         ("replace the number by the sum of its decimal digits (ignore the sign)",
-          "add up the decimal digits of the number, ignoring its sign")),
-    Part("i_to_str", "string", _I, _S, "{o} = str({i})",
-         ("write the number as a decimal string", "convert the number to its decimal text")),
-    Part("b_gt", "condition", _I, "bool", "{o} = {i} > {k}",
-         ("check whether the number is greater than {k}", "tell if the number exceeds {k}"), _k(0, 50, 15)),
+         "take the sum of its digits"),
+    Part("i_to_str", "string", _I, _S, "{o} = str({i})", "convert it to a string"),
+    Part("b_gt", "condition", _I, "bool", "{o} = {i} > {k}", "check whether it is greater than {k}",
+         _k(0, 30, 8)),
     # str -> str
-    Part("s_upper", "string", _S, _S, "{o} = {i}.upper()",
-         ("convert the string to upper case", "make every letter uppercase")),
-    Part("s_reverse", "string", _S, _S, "{o} = {i}[::-1]",
-         ("reverse the string", "write the string backwards")),
-    Part("s_replace", "string", _S, _S, "{o} = {i}.replace('{a}', '{b}')",
-         ("replace every '{a}' with '{b}'", "change each '{a}' into '{b}'"),
-         (*_LETTER, Slot("b", LETTERS, ("u", "p")))),
-    Part("s_head", "string", _S, _S, "{o} = {i}[:{k}]",
-         ("keep only the first {k} characters", "cut the string after {k} characters"), _k(1, 5, 2)),
-    Part("s_repeat", "string", _S, _S, "{o} = {i} * {k}",
-         ("repeat the string {k} times", "concatenate {k} copies of the string"), _k(2, 4, 1)),
-    Part("s_append", "string", _S, _S, "{o} = {i} + '{w}'",
-         ("append '{w}' to the string", "add '{w}' at the end of the string"),
+    Part("s_upper", "string", _S, _S, "{o} = {i}.upper()", "convert it to upper case"),
+    Part("s_reverse", "string", _S, _S, "{o} = {i}[::-1]", "reverse the string"),
+    Part("s_repeat", "string", _S, _S, "{o} = {i} * {k}", "repeat it {k} times", _k(2, 4, 1)),
+    Part("s_append", "string", _S, _S, "{o} = {i} + '{w}'", "append '{w}'",
          (Slot("w", SUFFIXES[:-2], SUFFIXES[-2:]),)),
-    Part("s_rev_if_long", "condition", _S, _S, "{o} = {i}[::-1] if len({i}) > {k} else {i}",
-         ("reverse the string if it has more than {k} characters",
-          "if the string is longer than {k} characters, write it backwards"), _k(1, 6, 2)),
     Part("s_double_chars", "loop", _S, _S, "{o} = ''\nfor c in {i}:\n    {o} += c * 2",
-         ("repeat every character twice", "double each character of the string")),
+         "double every character"),
     # str -> int
-    Part("s_len", "aggregate", _S, _I, "{o} = len({i})",
-         ("take the length of the string", "count the characters of the string")),
-    Part("s_count", "aggregate", _S, _I, "{o} = {i}.count('{a}')",
-         ("count the occurrences of '{a}'", "count how many times '{a}' appears"), _LETTER),)  # fmt: skip
+    Part("s_len", "aggregate", _S, _I, "{o} = len({i})", "take the length"),
+    Part("s_count", "aggregate", _S, _I, "{o} = {i}.count('{a}')", "count the '{a}' characters", _LETTER),
+)  # fmt: skip
 PARTS_BY_NAME = {part.name: part for part in PARTS}
 
 # Variable names per type: (name, alternate name for a loop whose output has the input's type).
 VARIABLE_NAMES = {
-    "list": (("xs", "ys"), ("nums", "vals"), ("values", "items"), ("numbers", "data")),
-    "int": (("n", "m"), ("num", "total"), ("value", "acc"), ("number", "amount")),
-    "str": (("s", "t"), ("text", "out"), ("word", "res"), ("line", "buf")),
-    "bool": (("ok", "ok"), ("flag", "flag"), ("answer", "answer"), ("result", "result")),
+    "list": (("xs", "ys"), ("nums", "vals")),
+    "int": (("n", "m"), ("num", "total")),
+    "str": (("s", "t"), ("text", "out")),
+    "bool": (("ok", "ok"), ("flag", "flag")),
 }
 FUNCTION_NAMES = ("solve", "compute", "transform", "process", "calculate", "apply_steps", "run", "handle")
 # Docstring: frame + clauses joined by a connective + ending.
@@ -174,7 +133,7 @@ FRAMES = ("Given {v}, ", "Starting from {v}, ", "Take {v} and ")
 CONNECTIVES = (", then ", "; next, ", ", and after that ")
 ENDING = "."
 #: How many of the leading variants of each surface pool training problems draw from; the rest are reserved.
-SEEN_VARIANTS = {"names": 2, "functions": 6, "frames": 2, "connectives": 2}
+SEEN_VARIANTS = {"functions": 6, "frames": 2, "connectives": 2}
 
 
 def check_catalogue() -> None:
@@ -187,8 +146,7 @@ def check_catalogue() -> None:
         names = {slot.name for slot in part.slots}
         probe = dict.fromkeys(names, "0")
         part.code.format(i="v", o="v", **probe)
-        for wording in part.wordings:
-            wording.format(**probe)
+        part.wording.format(**probe)
         if any(f"{{{name}}}" not in part.code for name in names):
             raise ValueError(f"part {part.name}: a slot is missing from the code")
 

