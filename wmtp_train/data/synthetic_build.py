@@ -37,7 +37,7 @@ from wmtp_train.data.sandbox_batch import check_programs
 from wmtp_train.data.synthetic import HELDOUT_SPLITS, SPLITS, build_catalogue, generate_split
 from wmtp_train.data.synthetic_parts import PARTS, check_catalogue
 from wmtp_train.data.synthetic_problem import MIN_MUTANTS, Problem
-from wmtp_train.tokenizer import ByteTokenizer
+from wmtp_train.data.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
