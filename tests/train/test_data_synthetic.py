@@ -41,9 +41,9 @@ from wmtp_train.data.synthetic_problem import (
     render_solution,
     template_difficulty,
 )
-from wmtp_train.eval.metrics import mean_pass_at_k
-from wmtp_train.eval.humaneval import HumanEvalOptions, score_completions
 from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.eval.humaneval import HumanEvalOptions, score_completions
+from wmtp_train.eval.metrics import mean_pass_at_k
 
 SMALL = 40
 
