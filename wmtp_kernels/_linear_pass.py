@@ -14,10 +14,10 @@ buffers, ``O(N)`` row data and an ``[V]`` float32 bias accumulator. The weight g
 in the weight's dtype (as Liger-Kernel does): for bfloat16 it is rounded once per chunk, which the
 large default chunks keep to a few roundings; a float32 accumulator would cost ``4 V d`` bytes.
 
-Chunk size: ``chunk_size`` rows, or by default ``budget // (V * itemsize)`` rows (at least 16), with
-the budget :data:`CHUNK_BUDGET_BYTES` per device type, then balanced so all chunks have nearly equal
-size. The chunk primitive is the backend's (``ChunkFn`` in :mod:`wmtp_kernels._common`): Triton's
-``weighted_ce_chunk_`` or the torch path's ``linear_chunk_``.
+Chunk size: ``chunk_size`` rows, or by default ``budget // (V * itemsize)`` rows (at least 16, at most
+:data:`MAX_CHUNK_ROWS`), with the budget :data:`CHUNK_BUDGET_BYTES` per device type, then balanced
+so all chunks have nearly equal size. The chunk primitive is the backend's (``ChunkFn`` in
+:mod:`wmtp_kernels._common`): Triton's ``weighted_ce_chunk_`` or the torch path's ``linear_chunk_``.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ from wmtp_kernels._common import RowWeights, triton_chunk_fn
 
 # Bytes of the [C, V] logits chunk by default. CPU: 64 MiB is 512 float32 rows at V = 32000 (measured
 # within a few % of the 3-GEMM floor, see benchmarks/RESULTS.md), under a tenth of the naive
-# implementation's extra memory. CUDA: 128 MiB keeps the total well under 0.25 GiB.
-CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
+# implementation's extra memory. CUDA: every chunk reads and rewrites the whole [V, d] weight gradient,
+# which on an H100 costs about 167 / C of the chunk's three GEMMs, so chunks are as long as the memory
+# targets allow: at most 448 MiB of logits (under 0.5 GiB in all at V = 128256) and 3072 rows (under
+# 0.25 GiB at V = 32000). Measured in benchmarks/KERNEL_NOTES.md ("CUDA chunk length").
+CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 448 * 2**20}
+MAX_CHUNK_ROWS = {"cuda": 3072}
 MIN_CHUNK_ROWS = 16
 
 
 def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
-    """Rows per chunk from the memory budget: ``max(16, budget // (V * itemsize))``.
+    """Rows per chunk from the memory budget: ``max(16, budget // (V * itemsize))``, capped per device.
 
     Args:
         vocab: V.
@@ -51,7 +55,8 @@ def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
         The number of rows.
     """
     budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
-    return max(MIN_CHUNK_ROWS, budget // (vocab * itemsize))
+    rows = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize))
+    return min(rows, MAX_CHUNK_ROWS.get(device_type, rows))
 
 
 def balanced_chunk_rows(n_rows: int, max_rows: int) -> int:
@@ -111,7 +116,8 @@ def linear_pass(
     logits_buf = torch.empty(width, vocab, dtype=dtype, device=device)
     h_buf = torch.empty(width, dim, dtype=dtype, device=device)
     dh_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[0] else None
-    hs_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[1] else None
+    # Only the torch path returns a row coefficient that scales the hidden rows for the weight gradient.
+    hs_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[1] and impl == "torch" else None
     grad_hidden = _zero_except(n_all, dim, rows, hidden2d) if need[0] else None
     # The first chunk writes the weight gradient (beta = 0), saving a zero-fill pass over [V, d].
     grad_weight = (weight.new_empty if n_valid else weight.new_zeros)(weight.shape) if need[1] else None

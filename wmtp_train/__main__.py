@@ -6,6 +6,8 @@ Examples::
     torchrun --standalone --nproc_per_node=2 -m wmtp_train --recipe verifiable --preset micro --out runs/v
     python -m wmtp_train --recipe baseline --set stage2.lr=3e-4 --set data.max_len=256 --print-config
     python -m wmtp_train --recipe verifiable --out runs/v --resume          # latest good checkpoint
+    python -m wmtp_train --recipe verifiable --preset 7b_1t_4 --estimate-memory --world-size 8 \
+        --set data.max_len=2048 --set parallel.activation_checkpoint=full  # per-rank peak, no GPU needed
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug mode: the loss checks hidden states and values for NaN/Inf (numerics.check_finite)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print every stage's per-rank peak memory for --world-size ranks, simulated on fake tensors "
+        "(no GPU needed; run.device auto means a CUDA run), and exit",
+    )
+    parser.add_argument("--world-size", type=int, help="ranks of the run that --estimate-memory estimates")
+    parser.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="run --estimate-memory's steps on real tensors (under torchrun) and print the allocator's peak "
+        "next to the estimate, and exit",
+    )
     return parser
 
 
@@ -95,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
+    if args.estimate_memory or args.measure_memory:
+        return _memory_report(config, args)
     import torch.distributed as dist
 
     from wmtp_train.train.trainer import NonFiniteAbort, train
@@ -107,6 +124,39 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+def _memory_report(config: TrainConfig, args: argparse.Namespace) -> int:
+    """``--estimate-memory`` (fake tensors, ``--world-size`` ranks) or ``--measure-memory`` (this job)."""
+    import torch.distributed as dist
+
+    from wmtp_train.train import memory
+    from wmtp_train.train.parallelize import init_distributed
+
+    if args.estimate_memory == args.measure_memory:
+        print("config error: give one of --estimate-memory and --measure-memory", file=sys.stderr)
+        return 2
+    if args.estimate_memory and (args.world_size is None or args.world_size < 1):
+        print("config error: --estimate-memory needs --world-size N (N >= 1)", file=sys.stderr)
+        return 2
+    device = "cpu" if config.run.device == "cpu" else "cuda"
+    try:
+        memory.estimation_config(config, device)  # what cannot be estimated, before any work
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.estimate_memory:
+        peaks = memory.estimate_memory(config, args.world_size, device)
+        print(memory.format_report(peaks, config, args.world_size, device))
+        return 0
+    info = init_distributed(config.run.device)
+    try:
+        peaks = memory.measure_memory(config, info)
+    finally:
+        dist.destroy_process_group()
+    if info.is_main:
+        print(memory.format_report(peaks, config, info.world_size, info.device.type))
     return 0
 
 

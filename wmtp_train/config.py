@@ -29,6 +29,7 @@ RECIPES = tuple(sorted(path.stem for path in RECIPE_DIR.glob("*.toml")))
 """The shipped recipes: one TOML file each in ``wmtp_train/recipes/``."""
 VALUE_LOSSES = ("mse", "huber")
 RHO1_SCORES = ("mean_heads", "next_token")
+ACTIVATION_CHECKPOINT_MODES = ("none", "full", "selective")
 
 
 def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -116,16 +117,23 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Stage 0: process group and FSDP2."""
+    """Stage 0: process group, FSDP2, activation checkpointing and per-block compilation."""
 
     fsdp: bool = True
     """Shard with FSDP2 ``fully_shard`` (per block, then head + value head, then root)."""
     mixed_precision: str = "auto"
     """``auto``: bf16 parameters with fp32 gradient reduction on CUDA, full fp32 on CPU; ``bf16``; ``none``.
     """
+    activation_checkpoint: str = "none"
+    """Recompute transformer blocks in backward instead of keeping their activations (non-reentrant, per
+    block): ``none``; ``full`` (every block); ``selective`` (every other block, about half the saving
+    for half the recomputation). The output head and its fused loss are never recomputed."""
+    compile: bool = False
+    """``torch.compile`` each transformer block's forward (fullgraph; the first steps pay the compilation)."""
 
     def __post_init__(self) -> None:
         _choice("parallel", "mixed_precision", self.mixed_precision, ("auto", "bf16", "none"))
+        _choice("parallel", "activation_checkpoint", self.activation_checkpoint, ACTIVATION_CHECKPOINT_MODES)
 
 
 @dataclass

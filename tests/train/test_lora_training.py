@@ -37,16 +37,16 @@ def lora_run(data, tmp_path_factory):
     trainer = Trainer(cfg)
     before = full_state(trainer.model)
     with_grad = []
-    original = Stage._apply_update
+    original = Stage._clip_gradients  # runs once per optimizer step, after the backward passes
 
-    def spy(stage, loss_finite):
+    def spy(stage):
         with_grad.append(
             (stage.name, {n for n, p in stage.ctx.model.named_parameters() if p.grad is not None})
         )
-        return original(stage, loss_finite)
+        return original(stage)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Stage, "_apply_update", spy)
+        patch.setattr(Stage, "_clip_gradients", spy)
         result = trainer.fit()
     return trainer, before, full_state(trainer.model), with_grad, result, out
 

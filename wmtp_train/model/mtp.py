@@ -282,6 +282,9 @@ class MTPTransformer(nn.Module):
         Returns:
             :class:`TrunkOutput` with ``hidden`` [B, T, d] (raw) and ``values`` [B, T, 1].
         """
+        return self._trunk_and_values(input_ids, attention_mask)
+
+    def _trunk_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> TrunkOutput:
         hidden, _, _ = self._run_trunk(input_ids, attention_mask)
         return TrunkOutput(hidden, self.value_head(hidden))
 
@@ -321,6 +324,7 @@ class MTPTransformer(nn.Module):
         weights: torch.Tensor | None = None,
         rewards: torch.Tensor | None = None,
         loss_options: LossOptions | None = None,
+        trunk_only: bool = False,
     ) -> ModelOutput:
         """One training pass: trunk -> values -> head blocks -> weighted MTP loss.
 
@@ -335,11 +339,20 @@ class MTPTransformer(nn.Module):
             weights: [B, T] per-token weights.
             rewards: [B] sequence rewards (TD weights from ``values.detach()``).
             loss_options: loss options (defaults: :class:`LossOptions`).
+            trunk_only: stop after the value head (stage 1's pass: no head block, no loss; ``labels``,
+                ``weights``, ``rewards`` and ``loss_options`` are ignored). The training stages call the
+                model this way rather than through :meth:`trunk_forward` so that every training step
+                enters the root module through ``__call__``, where module hooks (FSDP2's, memory
+                tracking's) see it.
 
         Returns:
             :class:`ModelOutput` with ``loss``, ``values`` [B, T, 1] (with grad, for the value loss),
-            ``trunk`` [B, T, d], ``hidden`` [B, T, H, d] and ``stats`` when asked.
+            ``trunk`` [B, T, d], ``hidden`` [B, T, H, d] and ``stats`` when asked; ``values`` and
+            ``trunk`` only with ``trunk_only``.
         """
+        if trunk_only:
+            trunk, values = self._trunk_and_values(input_ids, attention_mask)
+            return ModelOutput(values=values, trunk=trunk)
         if weights is not None and rewards is not None:
             raise ValueError("pass either weights or rewards, not both")
         labels = input_ids if labels is None else labels

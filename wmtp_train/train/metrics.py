@@ -68,14 +68,17 @@ class StepStats:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, float | torch.Tensor] = {}
         self._lows: dict[str, float] = {}  # minima, and maxima negated, for one MIN all-reduce
         self._moments = torch.zeros(5, dtype=torch.float64)
 
     def add(self, **values: float | torch.Tensor) -> None:
-        """Add values to the step's sums (tensors are detached and read)."""
+        """Add values to the step's sums (tensors are detached and summed in float64 where they are: they
+        are read only by :meth:`reduce`, so adding never waits for the device)."""
         for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self._sums[key] = self._sums.get(key, 0.0) + value
 
     def add_critic(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> None:
         """Add a micro-batch's values against its rewards over ``mask`` (the explained variance)."""
@@ -126,7 +129,8 @@ class StepStats:
         """
         keys = sorted(self._sums)
         sums = all_reduce(
-            torch.tensor([self._sums[k] for k in keys] + self._moments.tolist(), dtype=torch.float64), device
+            torch.tensor([float(self._sums[k]) for k in keys] + self._moments.tolist(), dtype=torch.float64),
+            device,
         )
         low_keys = sorted(self._lows)
         lows = all_reduce(

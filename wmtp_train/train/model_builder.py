@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 
 from wmtp_train.config import TrainConfig
 from wmtp_train.model import (
@@ -89,6 +90,24 @@ class ModelBuilder:
                 apply_lora(model, self.config.lora)
             return model.state_dict()
 
+    def allocate(self, mesh: DeviceMesh | None = None, adapted: bool = True) -> MTPTransformer:
+        """The model parallelised as ``[parallel]`` says and allocated on the training device, its weights
+        not yet set (collective).
+
+        Args:
+            mesh: the data-parallel mesh (see :func:`~wmtp_train.train.parallelize.parallelize_model`).
+            adapted: add LoRA adapters when ``lora.enabled`` (False for a frozen reference model).
+
+        Returns:
+            The model.
+        """
+        model = build_model(self.args, device="meta")
+        if adapted and self.config.lora.enabled:
+            apply_lora(model, self.config.lora)
+        model = parallelize_model(model, self.config.parallel, self.info.device, mesh)
+        model.to_empty(device=self.info.device)
+        return model
+
     def build(self, checkpoint_dir: str, adapted: bool = True) -> MTPTransformer:
         """The model on the training device, parallelised as ``[parallel]`` says (collective).
 
@@ -100,11 +119,7 @@ class ModelBuilder:
             The model (train mode, every parameter requiring grad).
         """
         adapted = adapted and self.config.lora.enabled
-        model = build_model(self.args, device="meta")
-        if adapted:
-            apply_lora(model, self.config.lora)
-        model = parallelize_model(model, self.config.parallel, self.info.device)
-        model.to_empty(device=self.info.device)
+        model = self.allocate(adapted=adapted)
         full = self.initial_state(checkpoint_dir, adapted)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
         return model

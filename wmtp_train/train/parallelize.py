@@ -1,5 +1,6 @@
-"""Stage 0, and every parallelism decision of the run: process group, per-rank seeds, FSDP2 sharding of
-the MTP model, and the collectives the trainer reduces its counts and metrics with.
+"""Stage 0, and every parallelism decision of the run: process group, per-rank seeds, activation
+checkpointing, per-block compilation and FSDP2 sharding of the MTP model, and the collectives the trainer
+reduces its counts and metrics with.
 
 Works under ``torchrun`` (reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``) and as a plain single
 process (a one-rank group on an in-memory store), so the same code path runs everywhere.
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from wmtp_train.config import ParallelConfig
@@ -92,7 +96,58 @@ def mixed_precision_policy(setting: str, device: torch.device) -> MixedPrecision
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -> MTPTransformer:
+def transformer_blocks(model: MTPTransformer) -> list[nn.Module]:
+    """The model's transformer blocks in the order checkpointing counts them: the trunk, head 1's block
+    (``layers[-1]``), then the heads 2..H (``extra_heads``)."""
+    return [*model.layers, *model.extra_heads]
+
+
+def checkpointed_blocks(model: MTPTransformer, mode: str) -> list[nn.Module]:
+    """The blocks that ``parallel.activation_checkpoint = mode`` recomputes in backward.
+
+    ``none``: no block. ``full``: every block. ``selective``: every other block (the 1st, 3rd, ... of
+    :func:`transformer_blocks`), which keeps about half of the blocks' activations for about half of
+    ``full``'s recomputation. The output head, and with it the fused loss, is never checkpointed: the
+    loss saves nothing for backward (its gradients are computed in its forward pass), so recomputing it
+    would cost a whole extra pass over the vocabulary for no memory saved.
+
+    Args:
+        model: the model.
+        mode: ``none``, ``full`` or ``selective``.
+
+    Returns:
+        The blocks.
+    """
+    blocks = transformer_blocks(model)
+    return {"none": [], "full": blocks, "selective": blocks[::2]}[mode]
+
+
+def apply_activation_checkpointing(model: MTPTransformer, mode: str) -> None:
+    """Non-reentrant activation checkpointing of :func:`checkpointed_blocks` (the composable API: module
+    hooks, so parameter names and the module tree stay as they are). Must precede ``fully_shard``.
+
+    Args:
+        model: the model, not yet sharded.
+        mode: ``none``, ``full`` or ``selective``.
+    """
+    for block in checkpointed_blocks(model, mode):
+        checkpoint(block, preserve_rng_state=False)  # no randomness in the blocks (no dropout)
+
+
+def compile_blocks(model: MTPTransformer) -> None:
+    """``torch.compile`` each transformer block's ``forward`` (fullgraph): the blocks share one compiled
+    graph, while the module hooks (FSDP2's all-gathers, activation checkpointing) stay eager around it.
+
+    Args:
+        model: the model.
+    """
+    for block in transformer_blocks(model):
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
+def shard_model(
+    model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None, mesh: DeviceMesh
+) -> MTPTransformer:
     """Apply FSDP2: each transformer block, then the output head, then the value head, then the root.
 
     The output head (shared norm + unembedding) owns the loss computation in its ``forward``, so FSDP2
@@ -105,14 +160,15 @@ def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -
     Args:
         model: the model (on the meta device or materialised).
         mp_policy: mixed precision policy or None.
+        mesh: the data-parallel device mesh.
 
     Returns:
         The same model object, now an FSDP module.
     """
-    kwargs: dict = {"reshard_after_forward": True}
+    kwargs: dict = {"reshard_after_forward": True, "mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for block in [*model.layers, *model.extra_heads]:
+    for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model.head, **kwargs)
     fully_shard(model.value_head, **kwargs)
@@ -122,22 +178,49 @@ def shard_model(model: MTPTransformer, mp_policy: MixedPrecisionPolicy | None) -
     return model
 
 
+def refresh_trainable_parameters(model: nn.Module) -> None:
+    """Let FSDP2 see which parameters require grad now (call after a stage changes ``requires_grad``).
+
+    FSDP2 derives each group's gradient dtypes (mixed precision: bf16 gradients reduced in fp32 and kept
+    fp32) from the parameters that require grad when the group is initialised, at the first forward. A
+    group frozen then (stage 1's trunk and heads) would later reduce and store bf16 gradients for fp32
+    parameters, which fails. Gathering and releasing each group once re-derives them; it also creates the
+    groups' unsharded parameters, which the memory tracker reads even for groups a stage never runs.
+
+    Args:
+        model: the model (a no-op for groups that are not sharded).
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+
+
 def parallelize_model(
-    model: MTPTransformer, settings: ParallelConfig, device: torch.device
+    model: MTPTransformer, settings: ParallelConfig, device: torch.device, mesh: DeviceMesh | None = None
 ) -> MTPTransformer:
-    """Apply the run's parallelism to a freshly built (meta-device) model: FSDP2 when ``settings.fsdp``,
-    with the mixed precision policy of ``settings.mixed_precision`` on ``device``.
+    """Apply the run's parallelism to a freshly built (meta-device) model, in torchtitan's order:
+    activation checkpointing (``settings.activation_checkpoint``), per-block ``torch.compile``
+    (``settings.compile``), then FSDP2 when ``settings.fsdp``, with the mixed precision policy of
+    ``settings.mixed_precision`` on ``device``.
 
     Args:
         model: the model, not yet materialised.
         settings: the ``[parallel]`` configuration.
-        device: the training device.
+        device: the training device (it decides the mixed precision policy).
+        mesh: the data-parallel mesh; default: one over the whole job on ``device``. The memory estimator
+            passes a CPU mesh of a fake process group while ``device`` is the device it estimates.
 
     Returns:
         The same model object (an FSDP module when sharded).
     """
+    apply_activation_checkpointing(model, settings.activation_checkpoint)
+    if settings.compile:
+        compile_blocks(model)
     if settings.fsdp:
-        shard_model(model, mixed_precision_policy(settings.mixed_precision, device))
+        if mesh is None:
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        shard_model(model, mixed_precision_policy(settings.mixed_precision, device), mesh)
     return model
 
 

@@ -11,6 +11,7 @@ period. The copy is saved in checkpoints so resume is exact.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -21,15 +22,16 @@ from wmtp_train.data.index import OffsetIndex
 from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler
 from wmtp_train.model import LossOptions, ValueHead
 from wmtp_train.train.metrics import ReducedStep, StepStats, prediction_counts
+from wmtp_train.train.model_builder import ModelBuilder
 from wmtp_train.train.parallelize import full_tensor
 from wmtp_train.train.step import Counts, Stage, StageContext, StepResult
-from wmtp_train.train.weighting import TokenWeighting
+from wmtp_train.train.weighting import WEIGHTINGS, TokenWeighting
 
 
 class CriticStage(Stage):
-    """Stage 1: regress the value head onto the reward over the completion tokens (``trunk_forward``:
-    no head block, no unembedding), on a 50/50 correct / incorrect sampler. The trunk is frozen unless
-    ``stage1.unfreeze_trunk``."""
+    """Stage 1: regress the value head onto the reward over the completion tokens (the model's
+    ``trunk_only`` pass: no head block, no unembedding), on a 50/50 correct / incorrect sampler. The
+    trunk is frozen unless ``stage1.unfreeze_trunk``."""
 
     name = "stage1"
     loss_key = "value_loss"
@@ -69,7 +71,7 @@ class CriticStage(Stage):
     def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
         """The value loss of the micro-batch's completion tokens over the step's value-token count."""
         cfg = self.settings
-        out = self.ctx.model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+        out = self.ctx.model(batch["input_ids"], batch["attention_mask"], trunk_only=True)
         loss = value_loss(
             out.values.float(),
             batch["rewards"],
@@ -78,7 +80,7 @@ class CriticStage(Stage):
             huber_delta=cfg.huber_delta,
         )
         stats.add_critic(out.values, batch["rewards"], batch["loss_mask"])
-        return loss * batch["loss_mask"].sum() / max(counts.value_tokens, 1)
+        return loss * batch["loss_mask"].sum() / counts.value_tokens.clamp(min=1).float()
 
     def metrics(self, reduced: ReducedStep) -> dict[str, float]:
         """``value_loss``."""
@@ -124,10 +126,11 @@ class WeightedMTPStage(Stage):
         self.ctx.model.requires_grad_(True)
         self.ctx.model.value_head.requires_grad_(self.trains_critic)
 
-    def setup(self, index: OffsetIndex) -> None:
-        """As :meth:`Stage.setup`, plus the value-head snapshot V_old."""
-        super().setup(index)
-        self.value_snapshot = ValueHead(self.ctx.args).to(self.ctx.info.device)
+    def prepare(self) -> None:
+        """As :meth:`Stage.prepare`, plus the value-head snapshot V_old."""
+        super().prepare()
+        with torch.device(self.ctx.info.device):
+            self.value_snapshot = ValueHead(self.ctx.args)
         self.value_snapshot.requires_grad_(False)
         self._refresh_snapshot()
 
@@ -170,14 +173,19 @@ class WeightedMTPStage(Stage):
     def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
         """``sum of weighted CE / N + value_coef * value loss * (this micro-batch's share of M)``."""
         cfg, model = self.settings, self.ctx.model
+        options = (
+            self.loss_options
+            if self.read_back
+            else dataclasses.replace(self.loss_options, return_stats=False)
+        )
         out = model(
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             **self.weighting.loss_inputs(model, batch),
-            loss_options=self.loss_options,
+            loss_options=options,
         )
-        mtp = out.loss / max(counts.predictions, 1)
+        mtp = out.loss / counts.predictions.clamp(min=1).float()
         total, critic = mtp, torch.zeros((), device=mtp.device)
         if self.trains_critic:
             with torch.no_grad():
@@ -190,12 +198,14 @@ class WeightedMTPStage(Stage):
                 clip_range=cfg.clip_range or None,
                 loss_type=cfg.value_loss,
                 huber_delta=cfg.huber_delta,
-            ) * (batch["loss_mask"].sum() / max(counts.value_tokens, 1))
+            ) * (batch["loss_mask"].sum() / counts.value_tokens.clamp(min=1).float())
             total = mtp + cfg.value_coef * critic
         stats.add(mtp_loss=mtp.detach(), value_loss=critic.detach())
         stats.add_critic(out.values, batch["rewards"], batch["loss_mask"])
-        n_heads = self.ctx.args.n_future_tokens
-        stats.add_loss_stats(out.stats, prediction_counts(batch["labels"], batch["attention_mask"], n_heads))
+        if out.stats is not None:
+            n_heads = self.ctx.args.n_future_tokens
+            head_counts = prediction_counts(batch["labels"], batch["attention_mask"], n_heads)
+            stats.add_loss_stats(out.stats, head_counts)
         return total
 
     def metrics(self, reduced: ReducedStep) -> dict[str, float]:
@@ -204,3 +214,19 @@ class WeightedMTPStage(Stage):
         if self.trains_critic:
             metrics["value_loss"] = reduced.sums["value_loss"]
         return metrics | reduced.loss_stats
+
+
+def build_stages(ctx: StageContext, builder: ModelBuilder) -> dict[str, Stage]:
+    """The run's stages in order: stage 1 when enabled, then stage 2 with the configured token weighting.
+
+    Args:
+        ctx: what the stages share with the run.
+        builder: builds the extra models a weighting recipe needs.
+
+    Returns:
+        The stages by name.
+    """
+    weighting = WEIGHTINGS[ctx.config.stage2.weighting](ctx.config, builder)
+    stages = [CriticStage(ctx)] if ctx.config.stage1.enabled else []
+    stages.append(WeightedMTPStage(ctx, weighting))
+    return {stage.name: stage for stage in stages}

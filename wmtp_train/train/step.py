@@ -36,7 +36,7 @@ from wmtp_train.model import ModelArgs, MTPTransformer
 from wmtp_train.train.checkpoint import FrozenBase, ModelOptimizerState
 from wmtp_train.train.lr_schedule import warmup_cosine
 from wmtp_train.train.metrics import ReducedStep, RunningExplainedVariance, StepStats
-from wmtp_train.train.parallelize import DistInfo, all_reduce, full_tensor
+from wmtp_train.train.parallelize import DistInfo, all_reduce, full_tensor, refresh_trainable_parameters
 
 
 class NonFiniteAbort(RuntimeError):
@@ -87,13 +87,14 @@ class StageContext:
 
 
 class Counts(NamedTuple):
-    """A step's token counts over all its micro-batches and all ranks."""
+    """A step's token counts over all its micro-batches and all ranks (float64 scalars on the CPU, kept as
+    tensors so that the step never waits for the host)."""
 
-    predictions: float
+    predictions: torch.Tensor
     """Valid (head, position) predictions, summed over the heads: the MTP loss normaliser."""
-    value_tokens: float
+    value_tokens: torch.Tensor
     """Completion tokens: the value loss normaliser."""
-    tokens: float
+    tokens: torch.Tensor
     """Real tokens."""
 
 
@@ -125,6 +126,11 @@ class Stage(ABC):
     """``stage1`` or ``stage2`` (the checkpoint manifest's ``stage``)."""
     loss_key: ClassVar[str]
     """The metric whose finiteness decides whether the step is applied."""
+    read_back: bool = True
+    """Whether a step reads its results back to the host: metrics, the token count, the non-finite checks
+    and the loss kernel's statistics. False runs the very same step without a host synchronisation, so
+    that it runs on fake tensors (memory estimation, :mod:`wmtp_train.train.memory`): no metrics, and the
+    update is always applied."""
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -174,11 +180,16 @@ class Stage(ABC):
         return self.settings.steps
 
     def setup(self, index: OffsetIndex) -> None:
-        """Select the trained parameters; make the optimizer, the LR schedule and the sampler.
+        """:meth:`prepare`, and the sampler.
 
         Args:
             index: the training set's offset index.
         """
+        self.prepare()
+        self.sampler = self.make_sampler(index)
+
+    def prepare(self) -> None:
+        """Select the trained parameters; make the optimizer and the LR schedule (all a step needs)."""
         cfg = self.settings
         self.select_parameters()
         lora = self.ctx.config.lora
@@ -186,10 +197,16 @@ class Stage(ABC):
             for name, param in self.ctx.model.named_parameters():
                 if not lora.is_trained(name):
                     param.requires_grad_(False)
+        refresh_trainable_parameters(self.ctx.model)
         params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg.lr, cfg.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        self.sampler = self.make_sampler(index)
+
+    def release(self) -> None:
+        """Drop the optimizer (its state), the schedule and the sampler once the stage is over, so that the
+        next stage does not carry them (with ``stage1.unfreeze_trunk`` stage 1's AdamW moments are twice
+        the trunk's parameters)."""
+        self.optimizer = self.scheduler = self.sampler = None
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The stage's checkpoint entries (DCP ``Stateful`` objects, restored in place); with LoRA the
@@ -222,24 +239,30 @@ class Stage(ABC):
             batches: collated micro-batches on the training device.
 
         Returns:
-            The step's metrics and token count.
+            The step's metrics and token count (empty and 0 without :attr:`read_back`).
         """
         device, world = self.ctx.info.device, self.ctx.info.world_size
         local = torch.stack([self.counts(batch) for batch in batches]).sum(0)
-        counts = Counts(*all_reduce(local, device).tolist())
+        counts = Counts(*all_reduce(local, device))
         stats = StepStats()
         for batch in batches:
             loss = self._poison(self.micro_batch_loss(batch, counts, stats))
             stats.add(**{self.loss_key: loss.detach()})
             (loss * world).backward()
+        norm = self._clip_gradients()
+        if not self.read_back:
+            self._finish_update(applied=True, norm=math.nan)
+            return StepResult({}, 0)
         reduced = stats.reduce(device)
-        grad_norm, applied = self._apply_update(math.isfinite(reduced.sums[self.loss_key]))
+        norm = float(full_tensor(norm))
+        applied = math.isfinite(reduced.sums[self.loss_key]) and math.isfinite(norm)
+        self._finish_update(applied, norm)
         metrics = self.metrics(reduced)
         if self.trains_critic:
             moments = reduced.explained_variance_moments
             metrics["explained_variance"] = explained_variance_from_moments(moments)
             metrics["explained_variance_ema"] = self.running_ev.update(moments)
-        metrics |= {"grad_norm": grad_norm, "step_skipped": float(not applied)}
+        metrics |= {"grad_norm": norm, "step_skipped": float(not applied)}
         return StepResult(metrics, int(counts.tokens))
 
     def _poison(self, loss: torch.Tensor) -> torch.Tensor:
@@ -248,17 +271,20 @@ class Stage(ABC):
             return loss * float("nan")
         return loss
 
-    def _apply_update(self, loss_finite: bool) -> tuple[float, bool]:
-        """Clip, then step the optimizer unless the loss or the gradient norm is non-finite.
-
-        A skipped step leaves the parameters and the optimizer state untouched but still advances the LR
-        schedule; ``numerics.max_consecutive_skips`` skips in a row raise :class:`NonFiniteAbort`.
-        """
-        state, max_norm = self.ctx.state, self.settings.max_grad_norm
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to ``max_grad_norm`` (none when 0); returns their total norm (a tensor)."""
+        max_norm = self.settings.max_grad_norm
         params = [p for p in self.ctx.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        norm = float(full_tensor(norm))
-        applied = loss_finite and math.isfinite(norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def _finish_update(self, applied: bool, norm: float) -> None:
+        """Step the optimizer when ``applied`` (else count a skip), clear the gradients, advance the LR.
+
+        A step whose loss or gradient norm is non-finite is skipped: it leaves the parameters and the
+        optimizer state untouched but still advances the LR schedule; ``numerics.max_consecutive_skips``
+        skips in a row raise :class:`NonFiniteAbort`.
+        """
+        state = self.ctx.state
         if applied:
             self.optimizer.step()
             state.consecutive_skips = 0
@@ -280,4 +306,3 @@ class Stage(ABC):
                 f"lr {self.scheduler.get_last_lr()[0]:.3g}, grad norm {norm}); aborting. Lower the learning "
                 "rate, check the data, or resume from an earlier checkpoint."
             )
-        return norm, applied

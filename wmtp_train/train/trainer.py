@@ -28,10 +28,9 @@ from wmtp_train.train.checkpoint import Checkpointer, FoundCheckpoint
 from wmtp_train.train.inputs import TrainingData
 from wmtp_train.train.model_builder import ModelBuilder
 from wmtp_train.train.parallelize import DistInfo, all_reduce, init_distributed, seed_everything
-from wmtp_train.train.stages import CriticStage, WeightedMTPStage
+from wmtp_train.train.stages import build_stages
 from wmtp_train.train.step import NonFiniteAbort, Stage, StageContext, TrainerState
 from wmtp_train.train.tracking import Tracker
-from wmtp_train.train.weighting import WEIGHTINGS
 
 __all__ = ["NonFiniteAbort", "Trainer", "peak_memory_mb", "train"]
 
@@ -86,13 +85,8 @@ class Trainer:
         self.tracker = self._start_tracking()
 
     def _make_stages(self) -> dict[str, Stage]:
-        """Stage 1 when enabled, then stage 2 with the configured token-weighting recipe, in order."""
-        cfg = self.config
-        context = StageContext(cfg, self.model, self.builder.args, self.info, self.state)
-        weighting = WEIGHTINGS[cfg.stage2.weighting](cfg, self.builder)
-        stages = [CriticStage(context)] if cfg.stage1.enabled else []
-        stages.append(WeightedMTPStage(context, weighting))
-        return {stage.name: stage for stage in stages}
+        context = StageContext(self.config, self.model, self.builder.args, self.info, self.state)
+        return build_stages(context, self.builder)
 
     def _start_tracking(self) -> Tracker:
         cfg = self.config.tracking
@@ -246,6 +240,7 @@ class Trainer:
             names = list(self.stages)
             for name in names[names.index(self.state.stage) :]:
                 if name != self.state.stage:
+                    self.stage.release()
                     self.state.stage, self.state.stage_step = name, 0
                     self.stage.setup(self.data.train.index)
                 finished = self._run_stage(self.stage)
