@@ -2,7 +2,8 @@
 
 Examples::
 
-    python -m wmtp_train.experiment --recipes baseline,correct_only,verifiable,rho1_weighted --seeds 3 --out runs/exp
+    python -m wmtp_train.experiment --recipes baseline,correct_only,verifiable,rho1_weighted \
+        --seeds 3 --out runs/exp
     python -m wmtp_train.experiment --quick --out runs/exp_quick
 """
 
@@ -21,14 +22,17 @@ from wmtp_train.experiment.protocol import DEFAULT, QUICK, RECIPE_WEIGHTING, Pro
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m wmtp_train.experiment", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m wmtp_train.experiment", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--recipes", default=",".join(RECIPE_WEIGHTING), help="comma-separated recipes")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 3, --quick 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, --quick 1)")
     parser.add_argument("--out", required=True, help="output directory (an interrupted run continues)")
     parser.add_argument("--quick", action="store_true", help="one seed, smaller budgets and evaluation sets")
-    parser.add_argument("--data", default=None, help="a build-synthetic directory (default: built under --out)")
+    parser.add_argument("--data", default=None, help="build-synthetic directory (default: built in --out)")
     parser.add_argument("--preset", default=None, help="model preset (default: the protocol's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings/evaluations at a time (default 2)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         protocol = dataclasses.replace(protocol, **changes)
         seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        run_experiment(recipes, range(seeds), Path(args.out), protocol, Path(args.data) if args.data else None, args.threads)
+        data = Path(args.data) if args.data else None
+        run_experiment(recipes, range(seeds), Path(args.out), protocol, data, args.threads, args.jobs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

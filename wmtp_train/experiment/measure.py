@@ -62,6 +62,7 @@ def evaluate_model(
     out: Path,
     seed: int,
     critic_data: Path | None = None,
+    generate: bool = True,
     workers: int = 2,
 ) -> dict[str, Any]:
     """Greedy and sampled pass@k on the held-out splits, and the critic report when ``critic_data`` is given.
@@ -73,10 +74,11 @@ def evaluate_model(
         out: where the evaluation files go (``greedy/``, ``sampled/``, ``critic/``).
         seed: sampling seed.
         critic_data: labelled records for the critic report (its TD options are the run's own).
+        generate: measure pass@k (False: the critic report alone).
         workers: sandboxed processes at a time.
 
     Returns:
-        ``{"greedy": metrics, "sampled": metrics, "critic": metrics}`` (``critic`` only when asked).
+        ``{"greedy": metrics, "sampled": metrics, "critic": metrics}`` (each only when asked).
     """
     model, tokenizer, _ = load_for_evaluation(checkpoint)
     common = {
@@ -96,11 +98,11 @@ def evaluate_model(
         temperature=protocol.temperature,
         top_p=0.95,
     )
+    result: dict[str, Any] = {}
     with torch.inference_mode():
-        result = {
-            "greedy": evaluate_synthetic(model, tokenizer, greedy, out / "greedy", data_dir),
-            "sampled": evaluate_synthetic(model, tokenizer, sampled, out / "sampled", data_dir),
-        }
+        if generate:
+            result["greedy"] = evaluate_synthetic(model, tokenizer, greedy, out / "greedy", data_dir)
+            result["sampled"] = evaluate_synthetic(model, tokenizer, sampled, out / "sampled", data_dir)
         if critic_data is not None:
             report = critic_report(model, tokenizer, critic_data, critic_options(checkpoint), out / "critic")
             result["critic"] = {key: report[key] for key in CRITIC_KEYS}

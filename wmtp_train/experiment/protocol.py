@@ -17,6 +17,7 @@ import numpy as np
 
 from wmtp_train.data.dataset import LazyJsonlDataset
 from wmtp_train.data.samplers import CurriculumSampler
+from wmtp_train.data.synthetic_build import SyntheticParams
 from wmtp_train.train.weighting import WEIGHTINGS
 
 RECIPE_WEIGHTING = {
@@ -34,6 +35,11 @@ class Protocol:
 
     preset: str = "micro"
     """Model preset of the base model (``wmtp_train.model.PRESETS``)."""
+    problems: int = 6000
+    """Problems of the data set built when no ``--data`` is given (``build-synthetic --problems``)."""
+    split_fractions: tuple[float, ...] = (0.7, 0.2, 0.05, 0.05)
+    """Its split fractions (pretrain, train, held-out problems, held-out compositions): most problems go to
+    the unlabelled pre-training split, which is what teaches the base model to write these functions."""
     pretrain_tokens: int = 2_000_000
     """Plain-MTP tokens of the base model on the ``pretrain`` split."""
     pretrain_lr: float = 3e-3
@@ -50,9 +56,9 @@ class Protocol:
     """Stage-1 (critic) steps of ``verifiable``, on the frozen base trunk (a cost reported apart)."""
     critic_lr: float = 2e-3
     """Stage-1 learning rate."""
-    greedy_problems: int | None = None
-    """Problems per held-out split for greedy pass@1 (None: all)."""
-    sampled_problems: int = 64
+    greedy_problems: int | None = 150
+    """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
+    sampled_problems: int = 32
     """Problems per held-out split for sampled pass@k (the first ones in task order)."""
     samples: int = 5
     """Samples per problem for sampled pass@k (``k`` up to this)."""
@@ -60,8 +66,12 @@ class Protocol:
     """Sampling temperature of sampled pass@k (top-p 0.95)."""
     max_new_tokens: int = 192
     """Generation budget (the longest canonical completion is 147 byte tokens)."""
-    critic_problems: int | None = None
+    critic_problems: int | None = 150
     """Held-out problems per split whose records the critic report scores (None: all)."""
+
+    def data_params(self) -> SyntheticParams:
+        """The ``build-synthetic`` parameters of the data set the protocol builds."""
+        return SyntheticParams(problems=self.problems, split_fractions=self.split_fractions)
 
     def __post_init__(self) -> None:
         for name in ("pretrain_tokens", "finetune_tokens", "micro_batch_size", "critic_steps", "samples"):
