@@ -158,3 +158,50 @@ def test_quick_protocol_end_to_end(tmp_path):
     mean = seed["correct_only"]["eval"]["greedy"][f"pass@1/{HELDOUT_SPLITS[0]}"]
     assert f"| correct_only | {mean:.3f} |" in report
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tasks_run_after_their_dependencies_and_failures_surface():
+    import threading
+    import time
+
+    from wmtp_train.experiment.driver import Task, run_tasks
+
+    events, lock, active, peak = [], threading.Lock(), [0], [0]
+
+    def work(name):
+        def run():
+            with lock:
+                events.append(("start", name))
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.05)
+            with lock:
+                active[0] -= 1
+                events.append(("end", name))
+
+        return run
+
+    tasks = [
+        Task("a", (), work("a")),
+        Task("b", ("a",), work("b")),
+        Task("c", ("a",), work("c")),
+        Task("d", ("b", "c"), work("d")),
+        Task("e", (), work("e")),
+    ]
+    run_tasks(tasks, jobs=2)
+    order = {event: i for i, event in enumerate(events)}
+    for task in tasks:
+        for dep in task.after:
+            assert order[("end", dep)] < order[("start", task.name)], (dep, task.name)
+    assert peak[0] == 2 and len(events) == 10
+    with pytest.raises(ValueError, match="unknown"):
+        run_tasks([Task("x", ("y",), work("x"))], jobs=1)
+    with pytest.raises(ValueError, match="wait on each other"):
+        run_tasks([Task("x", ("y",), work("x")), Task("y", ("x",), work("y"))], jobs=1)
+
+    def fail():
+        raise RuntimeError("trainer failed")
+
+    with pytest.raises(RuntimeError, match="trainer failed"):
+        run_tasks([Task("x", (), fail), Task("y", ("x",), work("y"))], jobs=2)
+    assert ("start", "y") not in events[10:]
