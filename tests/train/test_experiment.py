@@ -147,9 +147,14 @@ def test_quick_protocol_end_to_end(tmp_path):
     # The base model was pre-trained (its loss fell) and fine-tuning moved every recipe away from it.
     base_curve = [v for _, v in seed["base"]["train"]["stage2"]["curve"]]
     assert base_curve[-1] < 0.5 * base_curve[0]
-    # The per-problem files agree with the reported pass@1.
-    rows = [json.loads(x) for x in (out / "seed0" / "correct_only" / "eval" / "greedy").glob("*.jsonl")]
-    assert rows is not None
+    # The per-problem files agree with the reported pass@1, on the protocol's number of problems.
+    for recipe in ("base", *recipes):
+        lines = (out / "seed0" / recipe / "eval" / "greedy" / "synthetic_records.jsonl").read_text()
+        rows = [json.loads(line) for line in lines.splitlines()]
+        for split in HELDOUT_SPLITS:
+            passed = [row["passed"] for row in rows if row["split"] == split]
+            assert len(passed) == QUICK.greedy_problems
+            assert seed[recipe]["eval"]["greedy"][f"pass@1/{split}"] == pytest.approx(np.mean(passed))
     critic = seed["critic"]["eval"]["critic"]
     assert 0.0 <= critic["auc_last_value"] <= 1.0
     assert critic["explained_variance"] <= critic["explained_variance_ceiling"] + 1e-9

@@ -86,12 +86,13 @@ DEFAULT = Protocol()
 """The default comparison (with 3 seeds: about an hour on 2 cores, README "Does the weighting help?")."""
 QUICK = dataclasses.replace(
     DEFAULT,
-    pretrain_tokens=700_000,
-    finetune_tokens=150_000,
-    critic_steps=50,
-    greedy_problems=48,
-    sampled_problems=16,
-    critic_problems=80,
+    problems=2400,
+    pretrain_tokens=300_000,
+    finetune_tokens=80_000,
+    critic_steps=40,
+    greedy_problems=32,
+    sampled_problems=8,
+    critic_problems=32,
 )
 """``--quick``: one seed, smaller budgets and evaluation sets (a smoke test of the whole protocol)."""
 
