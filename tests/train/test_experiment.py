@@ -17,7 +17,13 @@ from wmtp_train.experiment.__main__ import main as experiment_main
 from wmtp_train.experiment.__main__ import parse_override
 from wmtp_train.experiment.driver import MAX_LEN, plan_steps
 from wmtp_train.experiment.protocol import QUICK, Protocol, check_recipes, expected_tokens_per_sample
-from wmtp_train.experiment.report import markdown, mean_std, paired_differences, write_report
+from wmtp_train.experiment.report import (
+    confidence_interval,
+    markdown,
+    mean_std,
+    paired_differences,
+    write_report,
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +116,15 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     text = markdown(results)
     assert "| baseline | 0.300 ± 0.100 |" in text
     assert "| correct_only | 0.600 ± 0.173 |" in text
-    assert "| verifiable − baseline | 0.100 ± 0.100 (+0.100, +0.200, +0.000) |" in text
-    assert "| verifiable − correct_only | -0.200 ± 0.300 (-0.200, +0.100, -0.500) |" in text
+    # t(0.975, 2 df) = 4.303: half-width 4.303 * 0.1 / sqrt(3) = 0.248.
+    assert confidence_interval(diffs) == pytest.approx((0.1 - 0.2484, 0.1 + 0.2484), abs=1e-4)
+    assert (
+        "| verifiable − baseline | 0.100 ± 0.100 (+0.100, +0.200, +0.000; 95% CI -0.148 to +0.348) |" in text
+    )
+    assert (
+        "| verifiable − correct_only | -0.200 ± 0.300 (-0.200, +0.100, -0.500; 95% CI -0.945 to +0.545) |"
+        in text
+    )
     write_report(results, tmp_path / "report.md", tmp_path / "report.png")
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

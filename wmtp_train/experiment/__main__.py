@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from wmtp_train.experiment.driver import run_experiment
 from wmtp_train.experiment.protocol import DEFAULT, QUICK, RECIPE_WEIGHTING, Protocol
+from wmtp_train.experiment.report import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, --quick 1)")
     parser.add_argument("--out", required=True, help="output directory (an interrupted run continues)")
     parser.add_argument("--quick", action="store_true", help="one seed, smaller budgets and evaluation sets")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite report.md/png from --out's results.json"
+    )
     parser.add_argument("--data", default=None, help="build-synthetic directory (default: built in --out)")
     parser.add_argument("--preset", default=None, help="model preset (default: the protocol's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -70,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         The exit status.
     """
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / "results.json").is_file():
+            print(f"error: --report-only: no {out / 'results.json'}", file=sys.stderr)
+            return 2
+        write_report(json.loads((out / "results.json").read_text()), out / "report.md", out / "report.png")
+        return 0
     protocol = QUICK if args.quick else DEFAULT
     try:
         changes = dict(parse_override(item) for item in args.overrides)
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         data = Path(args.data) if args.data else None
-        run_experiment(recipes, range(seeds), Path(args.out), protocol, data, args.threads, args.jobs)
+        run_experiment(recipes, range(seeds), out, protocol, data, args.threads, args.jobs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean (``n - 1`` degrees of freedom); NaNs for fewer than two values."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, std = mean_std(values)
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
@@ -109,7 +120,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "Paired differences (same seed, same base model and evaluation problems): mean ± std over seeds, "
-            "then the per-seed values.",
+            "the per-seed values and the 95% t-interval of the mean (n − 1 degrees of freedom).",
             "",
             "| difference | " + " | ".join(label for label, _, _ in rows) + " |",
             "|---" * (len(rows) + 1) + "|",
@@ -119,7 +130,9 @@ def markdown(results: dict[str, Any]) -> str:
             for _, ev, metric in rows:
                 diffs = paired_differences(results, a, b, ev, metric)
                 per_seed = ", ".join(f"{d:+.3f}" for d in diffs)
-                cells.append(f"{_fmt(diffs)} ({per_seed})" if len(diffs) > 1 else _fmt(diffs))
+                low, high = confidence_interval(diffs)
+                interval = f"; 95% CI {low:+.3f} to {high:+.3f}"
+                cells.append(f"{_fmt(diffs)} ({per_seed}{interval})" if len(diffs) > 1 else _fmt(diffs))
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     critic_runs = [
         (name, label)
