@@ -66,14 +66,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point.
-
-    Args:
-        argv: arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        The exit status.
-    """
+    """Run the comparison (or rewrite its report) for ``argv`` (default ``sys.argv[1:]``); the exit status."""
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.report_only:
