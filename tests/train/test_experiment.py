@@ -223,3 +223,30 @@ def test_tasks_run_after_their_dependencies_and_failures_surface():
     with pytest.raises(RuntimeError, match="trainer failed"):
         run_tasks([Task("x", (), fail), Task("y", ("x",), work("y"))], jobs=2)
     assert ("start", "y") not in events[10:]
+
+
+def test_skeleton_ignores_literals_only(built, tmp_path):
+    from wmtp_train.data.synthetic_build import load_split_problems
+    from wmtp_train.experiment.measure import code_skeleton, skeleton_rates
+
+    assert code_skeleton("    n = n + 14\n    return n\n") == code_skeleton("    n = n + 3\n    return n\n")
+    assert code_skeleton("    s = s + 'ing'\n") == code_skeleton('    s = s + "x"\n')
+    assert code_skeleton("    n = n + 14\n") != code_skeleton("    n = n - 14\n")
+    assert code_skeleton("    n = n + 14\n") != code_skeleton("    k = n + 14\n")
+    assert code_skeleton("    s = s + 'ing\n") is None
+    rows = []
+    for split in HELDOUT_SPLITS:
+        for i, problem in enumerate(load_split_problems(built, split)):
+            completion = problem["canonical_solution"]
+            if split == HELDOUT_SPLITS[0]:  # every other problem gets one more operation
+                completion = completion.replace("return ", "return 0 + ") if i % 2 else completion
+            else:
+                completion = "    return None\n"
+            rows.append(
+                {"split": split, "task_id": problem["task_id"], "samples": [{"completion": completion}]}
+            )
+    (tmp_path / "synthetic_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rates = skeleton_rates(tmp_path, built)
+    n_first = len(load_split_problems(built, HELDOUT_SPLITS[0]))
+    assert rates[f"skeleton@1/{HELDOUT_SPLITS[0]}"] == pytest.approx(((n_first + 1) // 2) / n_first)
+    assert rates[f"skeleton@1/{HELDOUT_SPLITS[1]}"] == 0.0

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,63 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
             ],
         }
     return summary
+
+
+_LAYOUT = (
+    tokenize.NL,
+    tokenize.NEWLINE,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.COMMENT,
+    tokenize.ENDMARKER,
+)
+
+
+def code_skeleton(code: str) -> list[str] | None:
+    """The Python tokens of ``code`` with every number and string literal replaced by ``<lit>`` and layout
+    dropped; None when ``code`` does not tokenize (an unterminated string, say)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    if any(t.type == tokenize.ERRORTOKEN and not t.string.isspace() for t in tokens):
+        return None
+    return [
+        "<lit>" if t.type in (tokenize.NUMBER, tokenize.STRING) else t.string
+        for t in tokens
+        if t.type not in _LAYOUT and not t.string.isspace()
+    ]
+
+
+def skeleton_rates(greedy_dir: Path, data_dir: Path) -> dict[str, float]:
+    """Per held-out split, the fraction of greedy completions equal to the canonical solution up to literals
+    (same statements and names, constants free): what the model gets right when a test still fails on a
+    copied constant.
+
+    Args:
+        greedy_dir: a greedy evaluation's directory (``synthetic_records.jsonl``).
+        data_dir: the ``build-synthetic`` directory.
+
+    Returns:
+        ``{"skeleton@1/<split>": fraction}``.
+    """
+    canonical = {
+        p["task_id"]: p["canonical_solution"]
+        for split in HELDOUT_SPLITS
+        for p in load_split_problems(data_dir, split)
+    }
+    matches: dict[str, list[bool]] = {split: [] for split in HELDOUT_SPLITS}
+    for line in (greedy_dir / "synthetic_records.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        found = code_skeleton(row["samples"][0]["completion"])
+        matches[row["split"]].append(found is not None and found == code_skeleton(canonical[row["task_id"]]))
+    return {f"skeleton@1/{split}": float(np.mean(m)) for split, m in matches.items() if m}
+
+
+def add_skeleton_rates(results: dict[str, Any], out: Path) -> None:
+    """Add :func:`skeleton_rates` to the greedy figures of every run in ``results`` that has them."""
+    for seed, runs in results["runs"].items():
+        for name, run in runs.items():
+            greedy = out / seed / name / "eval" / "greedy"
+            if "greedy" in run.get("eval", {}) and greedy.is_dir():
+                run["eval"]["greedy"] |= skeleton_rates(greedy, Path(results["data_dir"]))

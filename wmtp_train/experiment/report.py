@@ -25,6 +25,8 @@ def pass_metrics(samples: int) -> list[tuple[str, str, str]]:
         rows.append((f"pass@1 greedy, {SHORT[split]}", "greedy", f"pass@1/{split}"))
     for split in HELDOUT_SPLITS:
         rows.append((f"pass@{samples} sampled, {SHORT[split]}", "sampled", f"pass@{samples}/{split}"))
+    for split in HELDOUT_SPLITS:
+        rows.append((f"greedy right up to literals, {SHORT[split]}", "greedy", f"skeleton@1/{split}"))
     return rows
 
 
