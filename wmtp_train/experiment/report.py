@@ -185,10 +185,14 @@ def timing(results: dict[str, Any]) -> str:
         w for run in ("base", "critic", *results["recipes"]) for w in _walls(results, run, "eval_wall_s")
     ]
     parts.append(f"evaluation {np.sum(evals):,.0f} s in all")
+    trainings = [
+        w for run in ("base", "critic", *results["recipes"]) for w in _walls(results, run, "train_wall_s")
+    ]
     load = results["load_average"]
     return (
-        f"Wall clock: {results['wall_s'] / 60:.1f} min in all "
-        f"({results['threads']} torch thread(s) per process); "
+        f"Phases (trainings and evaluations) {(np.sum(trainings) + np.sum(evals)) / 60:.1f} min summed, "
+        f"{results.get('jobs', 1)} at a time, {results['threads']} torch thread(s) per process; this "
+        f"invocation {results['wall_s'] / 60:.1f} min wall clock (phases finished before it were skipped); "
         + "; ".join(parts)
         + f". Load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end."
     )
