@@ -1,4 +1,4 @@
-"""The comparison, seed after seed: a base model pre-trained with plain MTP on the ``pretrain`` split, the
+"""The comparison: per seed, a base model pre-trained with plain MTP on the ``pretrain`` split, the
 ``verifiable`` critic (stage 1 on the frozen base trunk), every recipe's stage 2 from the base on the
 ``train`` split with the same token budget, and the evaluation of each model; then the report
 (:mod:`wmtp_train.experiment.report`).
@@ -6,7 +6,7 @@
 Layout under ``out``: ``data/`` (built when no data directory is given), ``heldout_records.jsonl`` (the
 critic report's records), ``seed<S>/{base,critic,<recipe>}/`` (trainer run directories, each with
 ``eval/`` and a ``phase.json`` per finished phase), ``results.json``, ``report.md``, ``report.png``.
-Processes run one at a time.
+Phases run ``jobs`` at a time (:func:`run_tasks`), each as soon as the model it starts from exists.
 """
 
 from __future__ import annotations
