@@ -83,7 +83,7 @@ class Protocol:
 
 
 DEFAULT = Protocol()
-"""The default comparison (with 3 seeds: about an hour on 2 cores, README "Does the weighting help?")."""
+"""The default comparison (README "Does the weighting help?" gives its measured time on this CPU)."""
 QUICK = dataclasses.replace(
     DEFAULT,
     problems=2400,
