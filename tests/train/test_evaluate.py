@@ -11,7 +11,13 @@ from wmtp_train.config import load_recipe
 from wmtp_train.data import dataset
 from wmtp_train.data.tokenizer import ByteTokenizer
 from wmtp_train.eval import critic, evaluate, humaneval, loading
-from wmtp_train.eval.metrics import mean_pass_at_k, pass_at_k, prefix_oracle_explained_variance, roc_auc
+from wmtp_train.eval.metrics import (
+    mean_pass_at_k,
+    mutation_positions,
+    pass_at_k,
+    prefix_oracle_explained_variance,
+    roc_auc,
+)
 from wmtp_train.inference.generation import Generation
 from wmtp_train.model.meta_checkpoint import export_meta_checkpoint
 
@@ -303,11 +309,16 @@ def test_critic_cli_uses_the_runs_own_td_options_unless_flags_override_them(tmp_
     def direct(out, options):
         return critic.critic_report(critic_model, tokenizer, data, options, out)
 
+    def same(a, b):  # equal, NaN included (no record here has a mutated token)
+        return a.keys() == b.keys() and all(
+            a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a
+        )
+
     own = critic.CriticOptions(config.td, max_len=24)
-    assert cli(tmp_path / "cli") == direct(tmp_path / "own", own)
+    assert same(cli(tmp_path / "cli"), direct(tmp_path / "own", own))
     assert critic.critic_options(run / "export") == own
     flagged = cli(tmp_path / "flagged", "--terminal", "last_state", "--max-len", "512")
-    assert flagged == direct(tmp_path / "default", critic.CriticOptions())
+    assert same(flagged, direct(tmp_path / "default", critic.CriticOptions()))
     assert flagged["mean_weight_correct"] != direct(tmp_path / "own2", own)["mean_weight_correct"]
 
 
@@ -324,3 +335,42 @@ def test_prefix_oracle_explained_variance_hand_computed():
     assert prefix_oracle_explained_variance([(ids, 2, r) for ids, _, r in shared]) == pytest.approx(1.0)
     assert math.isnan(prefix_oracle_explained_variance([([1, 2], 1, 1.0), ([1, 3], 1, 1.0)]))
     assert math.isnan(prefix_oracle_explained_variance([]))
+
+
+def test_mutation_positions_are_where_an_incorrect_record_leaves_every_correct_one():
+    records = [
+        ("A", [1, 2, 3, 4], True),  # canonical
+        ("A", [1, 2, 9, 4], False),  # mutated at 2
+        ("A", [1, 2, 3], False),  # last statement deleted: leaves at its end... a prefix of the canonical
+        ("A", [1, 5, 3, 4], True),  # a mutant the tests do not catch
+        ("A", [1, 5, 3, 7], False),  # shares 3 tokens with the surviving mutant, 1 with the canonical
+        ("B", [1, 2], False),  # no correct record of B
+    ]
+    assert mutation_positions(records) == [None, 2, None, None, 3, None]
+
+
+def test_critic_report_weighs_the_mutated_token(tmp_path, critic_model):
+    prompt = "def f(x):\n"
+    records = [
+        {"task_id": "T/0", "prompt": prompt, "completion": "    return x + 1\n", "is_correct": True},
+        {"task_id": "T/0", "prompt": prompt, "completion": "    return x - 1\n", "is_correct": False},
+        {"task_id": "T/0", "prompt": prompt, "completion": "    return x + 2\n", "is_correct": False},
+        {"task_id": "T/1", "prompt": prompt, "completion": "    return 0\n", "is_correct": False},
+    ]
+    path = tmp_path / "mutants.jsonl"
+    path.write_text("".join(json.dumps({**r, "difficulty": 1}) + "\n" for r in records))
+    tokenizer = ByteTokenizer()
+    metrics = critic.critic_report(critic_model, tokenizer, path, critic.CriticOptions(), tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "critic_records.jsonl").read_text().splitlines()]
+    n_context = 1 + len(prompt)
+    assert [r["mutated_position"] for r in rows] == [None, n_context + 13, n_context + 15, None]
+    expected = []
+    with torch.no_grad():
+        for r, row in zip(records[1:3], rows[1:3]):
+            ids = [tokenizer.bos_id, *tokenizer.encode(prompt + r["completion"]), tokenizer.eos_id]
+            v = critic_model.trunk_forward(torch.tensor([ids])).values[0, :, 0]
+            w = build_weights(compute_td_errors(v[None], torch.tensor([0.0])))[0]
+            expected.append(float(w[row["mutated_position"] - 1]))  # token x_s is weighted by w[s - 1]
+    assert [row["weight_mutated_token"] for row in rows[1:3]] == pytest.approx(expected, abs=1e-5)
+    assert metrics["n_mutated_tokens"] == 2
+    assert metrics["mean_weight_mutated_token"] == pytest.approx(np.mean(expected), abs=1e-5)

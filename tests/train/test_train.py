@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -36,6 +37,8 @@ def test_recipe_runs_and_learns(recipe, data, tmp_path):
     assert stage2[-1]["mtp_loss"] < stage2[0]["mtp_loss"]
     for key in ("ce_head1", "ce_head4", "weight_mean", "grad_norm", "lr", "tokens_per_s", "peak_memory_mb"):
         assert key in stage2[0], key
+    step_tokens = [h["tokens_per_s"] * h["step_time_s"] for h in history]  # cumulative "tokens" adds them
+    assert [h["tokens"] for h in history] == pytest.approx(np.cumsum(step_tokens).tolist())
     if recipe == "verifiable":
         assert "td_mean" in stage2[0] and "explained_variance" in stage2[0] and "value_loss" in stage2[0]
         assert "stage1_train" in result["evals"]

@@ -1,4 +1,4 @@
-"""Command line of the data package: ``python -m wmtp_train.data build-humaneval --out DIR``."""
+"""Command line of the data package: ``python -m wmtp_train.data build-{humaneval,synthetic} --out DIR``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import time
 
 from wmtp_train.data.humaneval import BuildParams, build_humaneval
+from wmtp_train.data.synthetic_build import SyntheticParams, build_synthetic, format_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-mb", type=int, default=BuildParams.memory_mb, help="address space per program"
     )
     build.add_argument("--limit", type=int, default=None, help="build only the first N problems (smoke test)")
+    synthetic = commands.add_parser(
+        "build-synthetic",
+        help="build synthetic verifiable code tasks: pretrain/train/held-out JSONL records and problem files",
+    )
+    synthetic.add_argument("--out", required=True, help="output directory")
+    synthetic.add_argument("--problems", type=int, default=SyntheticParams.problems, help="problems in all")
+    synthetic.add_argument("--seed", type=int, default=SyntheticParams.seed, help="build seed")
+    synthetic.add_argument("--mutants", type=int, default=SyntheticParams.mutants, help="mutants per problem")
+    synthetic.add_argument("--workers", type=int, default=None, help="parallel sandbox runs")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "build-synthetic":
+        start = time.monotonic()
+        params = SyntheticParams(problems=args.problems, seed=args.seed, mutants=args.mutants)
+        print(format_summary(build_synthetic(args.out, params, workers=args.workers)))
+        print(f"wrote {args.out} in {time.monotonic() - start:.1f} s")
+        return 0
     params = BuildParams(
         mutants=args.mutants,
         seed=args.seed,

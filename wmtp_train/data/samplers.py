@@ -230,6 +230,11 @@ class CurriculumSampler(_StreamSampler):
             self._phase_probs.append(probs)
             self._phase_cumulative.append(cumulative)
 
+    @property
+    def buckets(self) -> list[np.ndarray]:
+        """Positions (into ``difficulty``) of the low, medium and high buckets' records."""
+        return list(self._buckets)
+
     def phase_of_step(self, step: int) -> int:
         """Which schedule phase (0, 1, 2) an optimizer step is in.
 

@@ -19,6 +19,7 @@ from wmtp_train.eval.loading import run_config
 from wmtp_train.eval.metrics import (
     ev_moments,
     explained_variance_from_moments,
+    mutation_positions,
     prefix_oracle_explained_variance,
     roc_auc,
 )
@@ -78,6 +79,9 @@ def critic_report(
     :func:`~wmtp_train.eval.metrics.prefix_oracle_explained_variance`),
     ``mean_weight_correct`` / ``mean_weight_incorrect`` (mean TD weight of the completion tokens of
     correct / incorrect records; token x_s gets weight w[s-1], docs/DESIGN.md "Weights"),
+    ``mean_weight_mutated_token`` (mean TD weight of the incorrect records' mutated token: the first token
+    no correct record of the same task shares, :func:`~wmtp_train.eval.metrics.mutation_positions`;
+    ``n_mutated_tokens`` records have one),
     ``mean_value_correct`` / ``mean_value_incorrect`` (V at the last token).
 
     Args:
@@ -95,12 +99,12 @@ def critic_report(
     if n == 0:
         raise ValueError(f"data_path: {data_path} has no records")
     device, weighting = model.tok_embeddings.weight.device, options.weighting
-    rows, oracle_records, moments = [], [], torch.zeros(5, dtype=torch.float64)
+    samples = [dataset[i] for i in range(n)]
+    mutated = mutation_positions([(s.task_id, s.input_ids, s.reward > 0.5) for s in samples])
+    rows, moments = [], torch.zeros(5, dtype=torch.float64)
     weight_sums = {True: [0.0, 0], False: [0.0, 0]}  # label -> [sum of weights, token count]
     for start in range(0, n, options.batch_size):
-        samples = [dataset[i] for i in range(start, min(start + options.batch_size, n))]
-        oracle_records.extend((sample.input_ids, sample.n_context, sample.reward) for sample in samples)
-        batch = collate(samples, tokenizer.pad_id)
+        batch = collate(samples[start : start + options.batch_size], tokenizer.pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         values = model.trunk_forward(ids, mask).values.squeeze(-1).float().cpu()
         rewards, completion = batch["rewards"].float(), batch["loss_mask"].bool()
@@ -108,7 +112,7 @@ def critic_report(
         last = last_token_index(mask)
         td = compute_td_errors(values, rewards, mask, weighting.gamma, weighting.terminal)
         weights = build_weights(td, weighting.beta, weighting.min_weight, weighting.max_weight)
-        # The weight of token x_s is weights[s - 1]: shift right by one.
+        # The weight of token x_s is weights[s - 1]: shift right by one (right padding: s is the position).
         token_weights = torch.nn.functional.pad(weights[:, :-1], (1, 0))
         moments += ev_moments(values, rewards, completion)
         for b in range(values.shape[0]):
@@ -116,6 +120,7 @@ def critic_report(
             w = token_weights[b][completion[b]]
             weight_sums[correct][0] += float(w.sum())
             weight_sums[correct][1] += int(w.numel())
+            position = mutated[start + b]
             rows.append(
                 {
                     "task_id": batch["task_ids"][b],
@@ -123,10 +128,13 @@ def critic_report(
                     "value_last": float(values[b, last[b]]),
                     "mean_weight": float(w.mean()) if w.numel() else math.nan,
                     "n_completion_tokens": int(w.numel()),
+                    "mutated_position": position,
+                    "weight_mutated_token": None if position is None else float(token_weights[b, position]),
                 }
             )
     labels = [r["is_correct"] for r in rows]
     last_values = [r["value_last"] for r in rows]
+    mutated_weights = [r["weight_mutated_token"] for r in rows if r["weight_mutated_token"] is not None]
 
     def mean_where(flag: bool) -> float:
         picked = [v for v, y in zip(last_values, labels) if y == flag]
@@ -137,9 +145,13 @@ def critic_report(
         "n_correct": sum(labels),
         "auc_last_value": roc_auc(last_values, labels),
         "explained_variance": explained_variance_from_moments(moments),
-        "explained_variance_ceiling": prefix_oracle_explained_variance(oracle_records),
+        "explained_variance_ceiling": prefix_oracle_explained_variance(
+            [(sample.input_ids, sample.n_context, sample.reward) for sample in samples]
+        ),
         "mean_weight_correct": _ratio(*weight_sums[True]),
         "mean_weight_incorrect": _ratio(*weight_sums[False]),
+        "mean_weight_mutated_token": _ratio(sum(mutated_weights), len(mutated_weights)),
+        "n_mutated_tokens": len(mutated_weights),
         "mean_value_correct": mean_where(True),
         "mean_value_incorrect": mean_where(False),
     }

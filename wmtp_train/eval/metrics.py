@@ -1,10 +1,12 @@
 """Evaluation statistics: the unbiased pass@k estimator, a rank-based ROC AUC, the critic's explained
-variance (from sums that add up over batches and ranks) and its ceiling on a set of records."""
+variance (from sums that add up over batches and ranks) and its ceiling on a set of records, and where an
+incorrect record departs from the correct ones (its mutated token)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +120,44 @@ def prefix_oracle_explained_variance(records: Sequence[tuple[Sequence[int], int,
     if rewards.size == 0 or rewards.var() <= 1e-12:
         return math.nan
     return float(1.0 - (rewards - oracle).var() / rewards.var())
+
+
+def mutation_positions(records: Sequence[tuple[Hashable, Sequence[int], bool]]) -> list[int | None]:
+    """Where each incorrect record leaves every correct record of its prompt: its *mutated token*.
+
+    For an AST mutant of a canonical solution this is the first token that differs from the canonical
+    one (unless another correct completion of the prompt shares a longer prefix). It is also where the
+    Bayes-optimal critic on the records (:func:`prefix_oracle_explained_variance`) drops to 0: the first
+    prefix no correct record has.
+
+    Args:
+        records: ``(task_id, input_ids, is_correct)`` per record.
+
+    Returns:
+        Per record, the index in ``input_ids`` of its first token whose prefix (that token included) no
+        correct record of the same task shares; None for correct records, for tasks with no correct
+        record, and for a record that is a prefix of a correct one.
+    """
+    correct: dict[Hashable, list[Sequence[int]]] = defaultdict(list)
+    for task, ids, is_correct in records:
+        if is_correct:
+            correct[task].append(ids)
+    positions: list[int | None] = []
+    for task, ids, is_correct in records:
+        if is_correct or not correct[task]:
+            positions.append(None)
+            continue
+        shared = max(_common_prefix(ids, other) for other in correct[task])
+        positions.append(shared if shared < len(ids) else None)
+    return positions
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def ev_moments(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,7 @@ class Trainer:
                 "stage": float(stage.name.removeprefix("stage")),
                 "lr": lr,
                 "tokens_per_s": result.tokens / elapsed,
+                "tokens": float(self.state.tokens),
                 "step_time_s": elapsed,
                 "peak_memory_mb": peak_memory_mb(self.info.device),
                 "skipped_steps": float(self.state.skipped_steps),

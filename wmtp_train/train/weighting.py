@@ -48,8 +48,9 @@ class TokenWeighting:
     def __init__(self, config: TrainConfig, builder: ModelBuilder):
         self.config = config
 
-    def records(self, index: OffsetIndex) -> np.ndarray | None:
-        """The dataset records stage 2 samples from.
+    @classmethod
+    def records(cls, index: OffsetIndex) -> np.ndarray | None:
+        """The dataset records stage 2 samples from (a class method: it depends on the labels alone).
 
         Args:
             index: the training set's offset index (labels and difficulties of every record).
@@ -85,11 +86,12 @@ class CorrectOnlyWeighting(UniformWeighting):
 
     name = "correct_only"
 
-    def records(self, index: OffsetIndex) -> np.ndarray:
+    @classmethod
+    def records(cls, index: OffsetIndex) -> np.ndarray:
         """The indices of the correct records (an error when there is none)."""
         correct = np.flatnonzero(index.is_correct)
         if len(correct) == 0:
-            raise ValueError(f"stage2.weighting = {self.name!r}: the training data has no correct record")
+            raise ValueError(f"stage2.weighting = {cls.name!r}: the training data has no correct record")
         return correct
 
 

@@ -1,0 +1,132 @@
+"""What the recipe comparison runs: budgets, optimiser settings and evaluation sizes, and how a token
+budget becomes a number of optimizer steps for a recipe.
+
+Budgets are in tokens (bos + prompt + completion + eos, what the trainer counts as ``tokens``), never in
+steps: a recipe that samples other records (``correct_only`` draws only correct ones) gets the steps that
+spend the same tokens. The steps come from the expected tokens per sample of the records the recipe's
+stage-2 sampler draws (:class:`~wmtp_train.data.samplers.CurriculumSampler`: its bucket probabilities over
+the stage, times each bucket's mean length); the tokens the runs really processed are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from wmtp_train.data.dataset import LazyJsonlDataset
+from wmtp_train.data.samplers import CurriculumSampler
+from wmtp_train.data.synthetic_build import SyntheticParams
+from wmtp_train.train.weighting import WEIGHTINGS
+
+RECIPE_WEIGHTING = {
+    "baseline": "uniform",
+    "correct_only": "correct_only",
+    "verifiable": "td",
+    "rho1_weighted": "rho1",
+}
+"""The recipes the protocol compares and their stage-2 token weighting."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Budgets and settings of one comparison (every recipe gets the same stage-2 settings)."""
+
+    preset: str = "micro"
+    """Model preset of the base model (``wmtp_train.model.PRESETS``)."""
+    problems: int = 6000
+    """Problems of the data set built when no ``--data`` is given (``build-synthetic --problems``)."""
+    split_fractions: tuple[float, ...] = (0.7, 0.2, 0.05, 0.05)
+    """Its split fractions (pretrain, train, held-out problems, held-out compositions): most problems go to
+    the unlabelled pre-training split, which is what teaches the base model to write these functions."""
+    pretrain_tokens: int = 2_000_000
+    """Plain-MTP tokens of the base model on the ``pretrain`` split."""
+    pretrain_lr: float = 3e-3
+    """Peak learning rate of the base model."""
+    finetune_tokens: int = 600_000
+    """Stage-2 tokens of every recipe on the ``train`` split."""
+    finetune_lr: float = 1e-3
+    """Peak stage-2 learning rate of every recipe."""
+    micro_batch_size: int = 16
+    """Sequences per optimizer step (pre-training, fine-tuning and the critic; one process)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps of every run."""
+    critic_steps: int = 150
+    """Stage-1 (critic) steps of ``verifiable``, on the frozen base trunk (a cost reported apart)."""
+    critic_lr: float = 2e-3
+    """Stage-1 learning rate."""
+    greedy_problems: int | None = 150
+    """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
+    sampled_problems: int = 32
+    """Problems per held-out split for sampled pass@k (the first ones in task order)."""
+    samples: int = 5
+    """Samples per problem for sampled pass@k (``k`` up to this)."""
+    temperature: float = 0.8
+    """Sampling temperature of sampled pass@k (top-p 0.95)."""
+    max_new_tokens: int = 192
+    """Generation budget (the longest canonical completion is 147 byte tokens)."""
+    critic_problems: int | None = 150
+    """Held-out problems per split whose records the critic report scores (None: all)."""
+
+    def data_params(self) -> SyntheticParams:
+        """The ``build-synthetic`` parameters of the data set the protocol builds."""
+        return SyntheticParams(problems=self.problems, split_fractions=self.split_fractions)
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain_tokens", "finetune_tokens", "micro_batch_size", "critic_steps", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("greedy_problems", "critic_problems"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"Protocol.{name} must be >= 1 or None, got {getattr(self, name)}")
+
+
+DEFAULT = Protocol()
+"""The default comparison (README "Does the weighting help?" gives its measured time on this CPU)."""
+QUICK = dataclasses.replace(
+    DEFAULT,
+    problems=2400,
+    pretrain_tokens=300_000,
+    finetune_tokens=80_000,
+    critic_steps=40,
+    greedy_problems=32,
+    sampled_problems=8,
+    critic_problems=32,
+)
+"""``--quick``: one seed, smaller budgets and evaluation sets (a smoke test of the whole protocol)."""
+
+
+def check_recipes(recipes: list[str]) -> list[str]:
+    """The recipes, validated against :data:`RECIPE_WEIGHTING` (order kept, duplicates dropped)."""
+    unknown = [r for r in recipes if r not in RECIPE_WEIGHTING]
+    if unknown or not recipes:
+        raise ValueError(f"recipes must be a non-empty subset of {sorted(RECIPE_WEIGHTING)}, got {recipes}")
+    return list(dict.fromkeys(recipes))
+
+
+def expected_tokens_per_sample(dataset: LazyJsonlDataset, weighting: str) -> float:
+    """Mean tokens of a stage-2 sample of ``dataset`` under ``weighting``'s record choice and the curriculum.
+
+    Args:
+        dataset: the training records (tokenised as the trainer does).
+        weighting: a ``stage2.weighting`` name.
+
+    Returns:
+        The expectation over the stage (the curriculum's phases weighted by their length).
+    """
+    index = dataset.index
+    records = WEIGHTINGS[weighting].records(index)
+    pool = np.arange(len(index)) if records is None else np.asarray(records)
+    lengths = np.array([len(dataset[int(i)].input_ids) for i in pool], dtype=np.float64)
+    steps = 100
+    sampler = CurriculumSampler(index.difficulty[pool], total_steps=steps, global_batch_size=1)
+    bucket_means = np.array(
+        [lengths[members].mean() if len(members) else 0.0 for members in sampler.buckets], dtype=np.float64
+    )
+    return float(np.mean([sampler.bucket_probabilities(step) @ bucket_means for step in range(steps)]))
+
+
+def steps_for(tokens: int, micro_batch_size: int, tokens_per_sample: float) -> int:
+    """Optimizer steps that spend ``tokens`` at ``micro_batch_size`` samples of that mean length (>= 1)."""
+    return max(1, round(tokens / (micro_batch_size * tokens_per_sample)))
