@@ -117,5 +117,5 @@ def test_critic_columns_use_each_runs_own_td_options_and_max_len(tmp_path):
     model, tokenizer, _ = load_for_evaluation(run)
     own = critic_report(model, tokenizer, data, CriticOptions(config.td, max_len=24), tmp_path / "own")
     default = critic_report(model, tokenizer, data, CriticOptions(), tmp_path / "default")
-    assert reported == own
+    assert reported == pytest.approx(own, nan_ok=True)  # NaN: no mutated token in these records
     assert own["mean_weight_correct"] != default["mean_weight_correct"]
