@@ -153,6 +153,7 @@ def _memory_report(config: TrainConfig, args: argparse.Namespace) -> int:
     info = init_distributed(config.run.device)
     try:
         peaks = memory.measure_memory(config, info)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
     if info.is_main:

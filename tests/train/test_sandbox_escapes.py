@@ -452,6 +452,13 @@ def reach_interpreter_as_nobody(stash: Path) -> str:
 def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
     canaries = {name: make_canary() for name in ATTACKS}
     stash = Path(tempfile.mkdtemp(prefix="wmtp-stash-"))  # a mount point, in the harness's namespace only
+    # Copies nobody can read (the sandbox and the runner it starts beside it): the checkout may sit below
+    # a directory only root may enter (mktemp -d).
+    source_dir = Path(tempfile.mkdtemp(prefix="wmtp-sandbox-source-"))
+    source_dir.chmod(0o755)
+    for name in ("sandbox.py", "_sandbox_runner.py"):
+        shutil.copy(Path(sandbox.__file__).with_name(name), source_dir / name)
+    sandbox_py = source_dir / "sandbox.py"
     try:
         before = {name: snapshot(c.base) for name, c in canaries.items()}
         jobs = [
@@ -460,7 +467,6 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
         ]
         normal = NORMAL_PROGRAM.replace("MARKER", "private")
         jobs.append({"name": "normal program", "source": normal, "dir": jobs[0]["dir"]})
-        sandbox_py = Path(sandbox.__file__).resolve()
         command = reach_interpreter_as_nobody(stash) + shlex.join(
             ["exec", "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
             + [sys.executable, "-I", "-c", NON_ROOT_DRIVER, str(sandbox_py)]
@@ -485,5 +491,6 @@ def test_attacks_fail_for_a_non_root_user_in_a_user_namespace():
             assert_attack_failed(name, canaries[name], before[name], stdout, stderr)
     finally:
         stash.rmdir()
+        shutil.rmtree(source_dir, ignore_errors=True)
         for c in canaries.values():
             shutil.rmtree(c.base, ignore_errors=True)
