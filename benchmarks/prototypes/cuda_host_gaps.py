@@ -87,7 +87,8 @@ def kernel_timeline(impl, case, device):
         (e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
         key=lambda e: e.time_range.start,
     )
-    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    averages = prof.key_averages()
+    cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
     return kernels, cpu_table
 
 
