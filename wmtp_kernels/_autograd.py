@@ -2,7 +2,8 @@
 
 Forward, for either entry point:
 
-1. :func:`plan_loss` builds the row layout once (targets, validity, per-row scale and weight source);
+1. the entry point builds the row layout once and chooses its rows; :func:`plan_loss` gives them
+   targets, per-row scales and the weight source;
 2. the entry point runs its chunk loop over the plan's rows (per-row CE, row weight, the gradients of
    its large inputs: hidden / weight / bias, or logits);
 3. :func:`forward_outputs` reduces the loss, the per-head mean CE (for ``return_stats``, so the layout
@@ -52,36 +53,32 @@ class LossPlan:
 
 
 def plan_loss(
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    heads: int,
+    layout: RowLayout,
+    rows: torch.Tensor,
     weights: torch.Tensor | None,
     values: torch.Tensor | None,
     rewards: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
     options: LossOptions,
     dtype: torch.dtype,
-    compact: bool,
     target_counts: torch.Tensor | None = None,
 ) -> LossPlan:
     """The :class:`LossPlan` of one call.
 
     Args:
-        labels: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` mask or ``None``.
-        heads: H.
+        layout: The call's row layout (:func:`~wmtp_kernels._rows.build_row_layout`, built once).
+        rows: The processed rows: the valid ones (linear-fused) or all ``N`` (logits).
         weights: ``[B, T]`` token weights or ``None``.
         values: Critic values or ``None``.
         rewards: Rewards or ``None``.
+        attention_mask: ``[B, T]`` mask or ``None``.
         options: Loss options.
         dtype: Dtype of per-row quantities.
-        compact: Process only the valid rows (linear-fused) rather than all ``N`` (logits).
         target_counts: ``[H]`` per-head counts that ``mean`` divides by, or ``None`` (this batch's).
 
     Returns:
         The plan.
     """
-    layout = build_row_layout(labels, attention_mask, heads, options.ignore_index)
-    rows = layout.valid_rows() if compact else torch.arange(layout.n_rows, device=labels.device)
     scale = row_scale(layout, options.reduction, dtype, target_counts)[rows]
     source = row_weights(layout, rows, weights, values, rewards, attention_mask, options.weighting, dtype)
     return LossPlan(layout, rows, layout.targets[rows], scale, source)

@@ -59,22 +59,28 @@ def _run_pass(hidden, weight, bias, rows, targets, scale, source, options, need)
     return result, [grad_hidden, result.grad_weight, grad_bias]
 
 
-def _check_data(hidden, weight, bias, weights, values, rewards, labels, options) -> None:
-    _validation.check_data(labels, weight.shape[0], options.ignore_index, rewards)
+def _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, labels, options):
+    """The valid rows, once the inputs passed the checks that read data. The label range, the rewards
+    and the valid-row count are read in one synchronisation with the device (``check_finite`` adds
+    its own)."""
+    vocab, ignore_index = weight.shape[0], options.ignore_index
+    problems = _validation.data_problem_counts(labels, vocab, ignore_index, rewards)
+    n_valid, *found = torch.cat([layout.valid.sum().view(1), problems]).tolist()
+    _validation.raise_data_problems(found, labels, vocab, ignore_index, rewards)
     if options.check_finite:
         _validation.check_finite(
             hidden=hidden, lm_head_weight=weight, lm_head_bias=bias, weights=weights, values=values
         )
+    return layout.valid_rows(n_valid)
 
 
 def forward(hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options):
     """The operator's computation (see the module doc for the outputs)."""
-    _check_data(hidden, weight, bias, weights, values, rewards, labels, options)
+    layout = build_row_layout(labels, attention_mask, hidden.shape[2], options.ignore_index)
+    rows = _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, labels, options)
     token_inputs = (weights, values, rewards, attention_mask)
     dtype = compute_dtype(weight.dtype)
-    plan = _autograd.plan_loss(
-        labels, attention_mask, hidden.shape[2], weights, values, rewards, options, dtype, True, target_counts
-    )
+    plan = _autograd.plan_loss(layout, rows, *token_inputs, options, dtype, target_counts)
     need = (False,) * 3 if options.reduction == "none" else options.grad_flags[:3]
     rows, targets, scale = plan.rows, plan.targets, plan.scale
     result, large = _run_pass(hidden, weight, bias, rows, targets, scale, plan.source, options, need)

@@ -80,13 +80,11 @@ class PassResult:
 
 
 def _zero_except(n_all: int, dim: int, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """An ``[n_all, dim]`` tensor whose rows outside ``rows`` are zero (the others are written later)."""
-    out = torch.empty(n_all, dim, dtype=like.dtype, device=like.device)
-    if rows.numel() < n_all:
-        skipped = torch.ones(n_all, dtype=torch.bool, device=like.device)
-        skipped[rows] = False
-        out[skipped] = 0
-    return out
+    """An ``[n_all, dim]`` tensor whose rows outside ``rows`` are zero (the others are written later).
+
+    Zero-filling all of it costs one write pass; selecting the skipped rows would synchronise."""
+    new = torch.empty if rows.numel() == n_all else torch.zeros
+    return new(n_all, dim, dtype=like.dtype, device=like.device)
 
 
 def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor):

@@ -3,7 +3,7 @@
 ``hidden [B, T, H, d]`` (or ``logits [B, T, H, V]``) is viewed as ``N = B * T * H`` rows in the order
 ``r = (b * T + t) * H + (k - 1)``. Row ``(b, t, k)`` predicts ``labels[b, t + k]`` with the token weight
 at index ``j = t + k - 1``, and counts only when it is *valid*: ``t + k < T``, both positions are real
-and the label is not ``ignore_index`` (:func:`wmtp_kernels.masks.head_valid_mask`).
+and the label is not ``ignore_index`` (:func:`wmtp_kernels.masks.prediction_targets`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from wmtp_kernels.masks import head_valid_mask, last_token_index
+from wmtp_kernels.masks import last_token_index, prediction_targets
 from wmtp_kernels.options import WeightingOptions
 from wmtp_kernels.td_weights import td_terms
 
@@ -97,9 +97,16 @@ class RowLayout:
         """Head index ``k - 1`` of the given rows."""
         return rows % self.heads
 
-    def valid_rows(self) -> torch.Tensor:
-        """``[N_valid]`` int64 ascending indices of the valid rows (the compaction used by chunking)."""
-        return self.valid.nonzero().squeeze(1)
+    def valid_rows(self, count: int | None = None) -> torch.Tensor:
+        """``[N_valid]`` int64 ascending indices of the valid rows (the compaction used by chunking).
+
+        Args:
+            count: ``N_valid`` if the caller has read it (``valid.sum()``) already: then no further
+                synchronisation with the device; else ``nonzero`` reads it.
+        """
+        if count is None:
+            return self.valid.nonzero().squeeze(1)
+        return torch.nonzero_static(self.valid, size=count).squeeze(1)
 
 
 def build_row_layout(
@@ -108,7 +115,7 @@ def build_row_layout(
     """Row layout of an ``[B, T]`` batch for ``heads`` future-token heads.
 
     Args:
-        labels: ``[B, T]`` int token ids (already validated).
+        labels: ``[B, T]`` int token ids (ids out of range only pass through to ``targets``).
         attention_mask: ``[B, T]`` mask or ``None`` (all real).
         heads: H.
         ignore_index: Label value excluded from the loss.
@@ -117,17 +124,12 @@ def build_row_layout(
         The :class:`RowLayout`.
     """
     batch, seq = labels.shape
-    device = labels.device
-    valid = torch.zeros(batch, seq, heads, dtype=torch.bool, device=device)
-    targets = torch.zeros(batch, seq, heads, dtype=torch.int64, device=device)
-    for k in range(1, min(heads, seq - 1) + 1):
-        head_valid = head_valid_mask(labels, attention_mask, k, ignore_index)
-        valid[:, : seq - k, k - 1] = head_valid
-        targets[:, : seq - k, k - 1] = torch.where(head_valid, labels[:, k:].long(), 0)
-    t = torch.arange(seq, device=device)[:, None]
-    k = torch.arange(1, heads + 1, device=device)[None, :]
+    valid, target_ids = prediction_targets(labels, attention_mask, heads, ignore_index)
+    targets = torch.where(valid, target_ids.long(), 0)
+    t = torch.arange(seq, device=labels.device)[:, None]
+    k = torch.arange(1, heads + 1, device=labels.device)[None, :]
     row_j = (t + k - 1).clamp(max=seq - 1).expand(batch, seq, heads)
-    row_b = torch.arange(batch, device=device)[:, None, None].expand(batch, seq, heads)
+    row_b = torch.arange(batch, device=labels.device)[:, None, None].expand(batch, seq, heads)
     return RowLayout(
         batch=batch,
         seq=seq,

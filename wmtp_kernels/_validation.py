@@ -6,7 +6,8 @@ dtypes involved, so a caller never gets a silent wrong answer or an indexing err
 Two kinds: checks of shapes, dtypes and devices read only metadata (they are traceable by
 ``torch.compile`` and run on fake tensors); the checks that read tensor data (label range, finite
 rewards, ``check_finite``) synchronise with the device, so the linear-fused loss passes
-``read_data=False`` and runs :func:`check_data` inside its custom operator instead.
+``read_data=False`` and runs them inside its custom operator instead, counting the problems with
+:func:`data_problem_counts` and reading the counts in the same synchronisation as its valid-row count.
 """
 
 from __future__ import annotations
@@ -122,6 +123,43 @@ def check_labels(labels: torch.Tensor, batch: int, seq: int) -> None:
         raise ValueError(f"labels must have shape [B, T] = [{batch}, {seq}], got {_shape(labels)}")
 
 
+def _labels_out_of_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    return ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+
+
+def data_problem_counts(
+    labels: torch.Tensor, vocab: int, ignore_index: int, rewards: torch.Tensor | None
+) -> torch.Tensor:
+    """What :func:`check_data` looks for, counted on the device without synchronising.
+
+    Returns:
+        ``[2]`` int64 on the labels' device: label ids outside ``[0, V)`` that are not ``ignore_index``,
+        and non-finite rewards. Read it (one synchronisation, which a caller can share with its own
+        reads) and pass the numbers to :func:`raise_data_problems`.
+    """
+    bad_labels = _labels_out_of_range(labels, vocab, ignore_index).sum()
+    if rewards is None or not rewards.is_floating_point():
+        bad_rewards = torch.zeros_like(bad_labels)
+    else:
+        bad_rewards = (~torch.isfinite(rewards)).sum().to(bad_labels.device)
+    return torch.stack([bad_labels, bad_rewards])
+
+
+def raise_data_problems(
+    counts: list[int], labels: torch.Tensor, vocab: int, ignore_index: int, rewards: torch.Tensor | None
+) -> None:
+    """Raise the error that :func:`data_problem_counts`'s (read) ``counts`` call for, if any."""
+    bad_labels, bad_rewards = counts
+    if bad_rewards:
+        raise ValueError(_non_finite_message("rewards", rewards, bad_rewards))
+    if bad_labels:
+        bad = labels[_labels_out_of_range(labels, vocab, ignore_index)]
+        raise ValueError(
+            f"labels must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {bad.numel()} out of range, e.g. {bad[:5].tolist()}"
+        )
+
+
 def check_data(labels: torch.Tensor, vocab: int, ignore_index: int, rewards: torch.Tensor | None) -> None:
     """The checks that read data: label ids in ``[0, V)`` or ``ignore_index``, finite rewards.
 
@@ -131,14 +169,8 @@ def check_data(labels: torch.Tensor, vocab: int, ignore_index: int, rewards: tor
         ignore_index: Label value excluded from the loss.
         rewards: ``[B]`` rewards or ``None``.
     """
-    check_finite(rewards=rewards)
-    out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(out_of_range.any()):
-        bad = labels[out_of_range]
-        raise ValueError(
-            f"labels must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"found {bad.numel()} out of range, e.g. {bad[:5].tolist()}"
-        )
+    counts = data_problem_counts(labels, vocab, ignore_index, rewards).tolist()
+    raise_data_problems(counts, labels, vocab, ignore_index, rewards)
 
 
 def check_nonempty(name: str, batch: int, seq: int) -> None:
@@ -151,8 +183,11 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` naming the first given tensor that holds NaN or Inf."""
     for name, t in tensors.items():
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n_bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{name} {_shape(t)} holds {n_bad} non-finite values (NaN or Inf)")
+            raise ValueError(_non_finite_message(name, t, int((~torch.isfinite(t)).sum())))
+
+
+def _non_finite_message(name: str, t: torch.Tensor, n_bad: int) -> str:
+    return f"{name} {_shape(t)} holds {n_bad} non-finite values (NaN or Inf)"
 
 
 def check_logits_inputs(

@@ -28,13 +28,44 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(real.any(dim=1), attention_mask.shape[1] - 1 - from_end, -1)
 
 
+def prediction_targets(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, heads: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which predictions of heads 1..H count, and their target ids, for all heads at once.
+
+    Head k (1-based) at position ``t`` predicts the token at ``t + k``. The prediction counts when
+    ``t + k < T``, both positions are real tokens and the target label is not ``ignore_index``.
+
+    Args:
+        labels: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` mask or ``None`` (all real).
+        heads: H.
+        ignore_index: Label value excluded from the loss.
+
+    Returns:
+        ``valid`` ``[B, T, H]`` bool and ``target_ids`` ``[B, T, H]`` (the label at ``t + k``, clamped to
+        the last position where ``t + k >= T``; meaningful only where ``valid``).
+    """
+    seq = labels.shape[1]
+    t = torch.arange(seq, device=labels.device)[:, None]
+    target_pos = t + torch.arange(1, heads + 1, device=labels.device)[None, :]
+    in_sequence = target_pos < seq
+    target_pos = target_pos.clamp(max=seq - 1)
+    target_ids = labels[:, target_pos]
+    valid = in_sequence & (target_ids != ignore_index)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        valid = valid & real[:, :, None] & real[:, target_pos]
+    return valid, target_ids
+
+
 def head_valid_mask(
     labels: torch.Tensor, attention_mask: torch.Tensor | None, k: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """``valid_k[b, t]``: head k (1-based) at position ``t < T - k`` has a target that counts.
 
     A prediction counts when both its position and its target position are real tokens and the target
-    label is not ``ignore_index``.
+    label is not ``ignore_index`` (:func:`prediction_targets` for all heads at once).
 
     Args:
         labels: ``[B, T]`` token ids.
@@ -45,13 +76,8 @@ def head_valid_mask(
     Returns:
         ``[B, max(T - k, 0)]`` bool.
     """
-    span = max(labels.shape[1] - k, 0)
-    target = labels[:, labels.shape[1] - span :]
-    valid = target != ignore_index
-    if attention_mask is None:
-        return valid
-    real = attention_mask.bool()
-    return valid & real[:, :span] & real[:, real.shape[1] - span :]
+    valid, _ = prediction_targets(labels, attention_mask, k, ignore_index)
+    return valid[:, : max(labels.shape[1] - k, 0), k - 1]
 
 
 def applied_weight_mask(
@@ -100,6 +126,4 @@ def count_mtp_targets(
     batch, seq = batch_and_seq("labels", labels)
     check_labels(labels, batch, seq)
     check_mask(attention_mask, batch, seq)
-    return torch.stack(
-        [head_valid_mask(labels, attention_mask, k, ignore_index).sum() for k in range(1, n_heads + 1)]
-    )
+    return prediction_targets(labels, attention_mask, n_heads, ignore_index)[0].sum(dim=(0, 1))

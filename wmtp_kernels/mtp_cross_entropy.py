@@ -27,7 +27,7 @@ from wmtp_kernels._common import (
     weighting_options,
 )
 from wmtp_kernels._linear_pass import default_chunk_rows
-from wmtp_kernels._rows import compute_dtype
+from wmtp_kernels._rows import build_row_layout, compute_dtype
 from wmtp_kernels._validation import check_logits_inputs
 from wmtp_kernels.options import IGNORE_INDEX, WeightingOptions
 from wmtp_kernels.stats import loss_stats
@@ -40,9 +40,9 @@ def _forward(logits, weights, values, rewards, labels, attention_mask, options, 
     heads, vocab = logits.shape[2], logits.shape[3]
     token_inputs = (weights, values, rewards, attention_mask)
     dtype = compute_dtype(logits.dtype)
-    plan = _autograd.plan_loss(
-        labels, attention_mask, heads, *token_inputs[:3], options, dtype, compact=False
-    )
+    layout = build_row_layout(labels, attention_mask, heads, options.ignore_index)
+    rows = torch.arange(layout.n_rows, device=labels.device)
+    plan = _autograd.plan_loss(layout, rows, *token_inputs, options, dtype)
     n_rows = plan.layout.n_rows
     need_grad = options.grad_flags[0]
     source_2d = logits.reshape(n_rows, vocab)

@@ -8,6 +8,7 @@ a last partial chunk.
 import pytest
 import torch
 from _compare import assert_no_worse
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wmtp_kernels import (
     FusedWeightedMTPLoss,
@@ -275,10 +276,13 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_row_layout_is_built_once_per_call_stats_included(monkeypatch, reduction):
     import wmtp_kernels._autograd as skeleton
+    import wmtp_kernels._linear_op as linear_op
+    import wmtp_kernels.mtp_cross_entropy as from_logits
 
     calls = []
     original = skeleton.build_row_layout
-    monkeypatch.setattr(skeleton, "build_row_layout", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for module in (skeleton, linear_op, from_logits):
+        monkeypatch.setattr(module, "build_row_layout", lambda *a, **k: calls.append(1) or original(*a, **k))
     case = make_case(source="values")
     fused_weighted_mtp_loss(**case, reduction=reduction, return_stats=True)
     logits = torch.randn(3, 7, 4, 11)
@@ -339,3 +343,53 @@ def test_none_reduction_keeps_a_float32_bias_gradient_with_bfloat16_hidden():
         grads[reduction] = bias.grad
     assert grads["none"].dtype == torch.float32
     torch.testing.assert_close(grads["none"], grads["sum"], rtol=1e-6, atol=1e-7)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the operators that make the host wait for the device (CUDA) and any indexing by a bool
+    mask (it runs ``nonzero`` inside). ``Tensor.tolist`` reads without dispatching, so the one read the
+    linear-fused loss allows (valid-row count, label range and rewards together) is not seen here."""
+
+    SYNCING = ("aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+        self.seen_aten_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.seen_aten_ops += name.startswith("aten.")
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args
+            if isinstance(a, (list, tuple))
+            for i in a
+        )
+        if name in self.SYNCING or bool_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("source", ["weights", "values"])
+def test_triton_path_reads_the_device_once(monkeypatch, source):
+    """Each host read drains the CUDA queue: the training step's forward GPU work must not wait on it
+    more than once per call (the count, label range and rewards are read together)."""
+    pytest.importorskip("wmtp_kernels._triton_ce")
+    import wmtp_kernels._linear_op as linear_op
+
+    reads = _HostReads()
+
+    def watched(*args):  # the operator's implementation, under the mode (the operator itself hides it)
+        with reads:
+            return original(*args)
+
+    original = linear_op.forward
+    monkeypatch.setattr(linear_op, "forward", watched)
+    case = make_case(B=2, T=6, H=3, d=8, V=37, source=source)
+    inputs = {k: v.float().requires_grad_(k in ("hidden", "lm_head_weight")) for k, v in case.items()}
+    inputs["labels"], inputs["attention_mask"] = case["labels"], case["attention_mask"]
+    with reads:
+        fused_weighted_mtp_loss(**inputs, impl="triton", chunk_size=4).backward()
+    assert reads.found == []
+    assert reads.seen_aten_ops > 20  # the implementation was watched

@@ -110,3 +110,20 @@ def test_gpu_script_dry_run_on_the_cpu():
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_7b_step: micro_5_layers, 2 x 32, cpu (dry run): stage1 estimate")
     assert last.endswith("within 10 %")
+
+
+def test_cuda_estimate_holds_the_foreach_adamw_temporary():
+    """On CUDA AdamW runs ``foreach``: its step holds one more tensor the size of the parameter shard
+    (``exp_avg_sq``'s square root). The estimate's fake tensors live on the CPU, where PyTorch would pick
+    the loop over tensors, so the trainer names the implementation by the run's device."""
+    from wmtp_train.train.memory import estimate_memory
+
+    small_activations = [
+        "data.max_len=16",
+        "stage2.micro_batch_size=1",
+        "parallel.activation_checkpoint=full",
+    ]
+    config = load_recipe("verifiable", ["model.preset=micro", *small_activations])  # the step is the peak
+    cuda, cpu = (estimate_memory(config, world_size=1, device_type=d)[1] for d in ("cuda", "cpu"))
+    moments = cpu.categories["optimizer state"]  # two float32 tensors per trained parameter
+    assert cuda.categories["optimizer state"] == pytest.approx(1.5 * moments, rel=0.02)

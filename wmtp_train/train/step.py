@@ -107,12 +107,18 @@ class StepResult(NamedTuple):
     """Real tokens of the step on all ranks."""
 
 
-def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) with weight decay on matrices only (not on norms, biases or vectors)."""
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, device_type: str) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) with weight decay on matrices only (not on norms, biases or vectors).
+
+    The implementation is the one PyTorch picks for the device (``foreach`` on CUDA, a loop over the
+    tensors on the CPU), stated explicitly so that the memory estimate, whose fake tensors live on the
+    CPU, runs the CUDA one: its step holds a temporary the size of the optimizer's parameter shard.
+    """
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    foreach = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
 
 
 class Stage(ABC):
@@ -199,7 +205,9 @@ class Stage(ABC):
                     param.requires_grad_(False)
         refresh_trainable_parameters(self.ctx.model)
         params = [p for p in self.ctx.model.parameters() if p.requires_grad]
-        self.optimizer = adamw(params, cfg.lr, cfg.weight_decay)
+        run_device = self.ctx.config.run.device  # the estimate's own device is a CPU stand-in for it
+        device_type = self.ctx.info.device.type if run_device == "auto" else run_device
+        self.optimizer = adamw(params, cfg.lr, cfg.weight_decay, device_type)
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
     def release(self) -> None:
