@@ -9,10 +9,11 @@ are processed in chunks of ``C`` rows, and for each chunk
     dW    += G.T @ h_c              (addmm_ into the weight gradient)
     db    += G.sum(0)
 
-Memory beyond inputs and gradients: one ``[C, V]`` chunk of logits in the weight's dtype, three ``[C, d]``
-buffers, ``O(N)`` row data and an ``[V]`` float32 bias accumulator. The weight gradient accumulates
-in the weight's dtype (as Liger-Kernel does): for bfloat16 it is rounded once per chunk, which the
-large default chunks keep to a few roundings; a float32 accumulator would cost ``4 V d`` bytes.
+Memory beyond inputs and gradients (:func:`workspace_bytes`): one ``[C, V]`` chunk of logits in the
+weight's dtype, two or three ``[C, d]`` buffers (:func:`row_buffers`), ``O(N)`` row data and an ``[V]``
+float32 bias accumulator. The weight gradient accumulates in the weight's dtype (as Liger-Kernel does): for
+bfloat16 it is rounded once per chunk, which the large default chunks keep to a few roundings; a float32
+accumulator would cost ``4 V d`` bytes.
 
 Chunk size: ``chunk_size`` rows, or by default ``budget // (V * itemsize)`` rows within
 :data:`CHUNK_ROWS_BOUNDS`, with the budget :data:`CHUNK_BUDGET_BYTES` per device type (others: the CPU's),
@@ -61,6 +62,20 @@ def default_chunk_rows(vocab: int, itemsize: int, device_type: str) -> int:
     fewest, most = CHUNK_ROWS_BOUNDS[kind]
     rows = max(fewest, CHUNK_BUDGET_BYTES[kind] // (vocab * itemsize))
     return rows if most is None else min(rows, most)
+
+
+def row_buffers(impl: str, need: tuple[bool, bool, bool]) -> int:
+    """How many ``[C, d]`` buffers :func:`linear_pass` allocates: the gathered hidden rows, their
+    gradient (if the hidden gradient is needed) and, on the torch path, the scaled rows of the weight
+    gradient."""
+    return 1 + need[0] + (need[1] and impl == "torch")
+
+
+def workspace_bytes(n_rows: int, vocab: int, dim: int, itemsize: int, impl: str, device_type: str) -> int:
+    """The chunk loop's own buffers with the default chunk and every gradient: one ``[C, V]`` chunk of
+    logits and :func:`row_buffers` ``[C, d]`` buffers (row data not included)."""
+    chunk = min(balanced_chunk_rows(n_rows, default_chunk_rows(vocab, itemsize, device_type)), n_rows)
+    return chunk * (vocab + row_buffers(impl, (True, True, False)) * dim) * itemsize
 
 
 def balanced_chunk_rows(n_rows: int, max_rows: int) -> int:
@@ -116,10 +131,10 @@ def linear_pass(
     step = balanced_chunk_rows(n_valid, chunk_rows)
     width = min(step, max(n_valid, 1))
     logits_buf = torch.empty(width, vocab, dtype=dtype, device=device)
-    h_buf = torch.empty(width, dim, dtype=dtype, device=device)
-    dh_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[0] else None
+    h_buf, *more = torch.empty(row_buffers(impl, need), width, dim, dtype=dtype, device=device)
+    dh_buf = more.pop(0) if need[0] else None
     # Only the torch path returns a row coefficient that scales the hidden rows for the weight gradient.
-    hs_buf = torch.empty(width, dim, dtype=dtype, device=device) if need[1] and impl == "torch" else None
+    hs_buf = more.pop(0) if more else None
     grad_hidden = _zero_except(n_all, dim, rows, hidden2d) if need[0] else None
     # The first chunk writes the weight gradient (beta = 0), saving a zero-fill pass over [V, d].
     grad_weight = (weight.new_empty if n_valid else weight.new_zeros)(weight.shape) if need[1] else None

@@ -214,25 +214,26 @@ def synthetic_batch(args: ModelArgs, batch_size: int, seq_len: int, seed: int) -
 
 
 def loss_workspace_bytes(args: ModelArgs, rows: int, dtype: torch.dtype, device_type: str) -> int:
-    """The fused loss's transient memory for ``rows`` valid predictions: one ``[C, V]`` chunk of logits and
-    ``[C, d]`` buffers in the unembedding's dtype (two on CUDA; three on the CPU, whose path also scales the
-    hidden rows), with ``C`` chosen as the kernel chooses it, plus :data:`LOSS_ROW_BYTES` per row.
+    """The fused loss's transient memory for ``rows`` valid predictions: its chunk loop's buffers as the
+    kernel sizes them on ``device_type`` (``wmtp_kernels._linear_pass.workspace_bytes``, with the backend
+    the device gets), plus :data:`LOSS_ROW_BYTES` per row.
 
     Args:
         args: the model's arguments.
         rows: valid (head, position) predictions of the micro-batch.
         dtype: the unembedding's compute dtype.
-        device_type: ``cuda`` or ``cpu`` (the chunk budget differs).
+        device_type: ``cuda`` or ``cpu`` (the chunk budget and the backend differ).
 
     Returns:
         Bytes.
     """
-    from wmtp_kernels._linear_pass import balanced_chunk_rows, default_chunk_rows
+    from wmtp_kernels._common import resolve_impl
+    from wmtp_kernels._linear_pass import workspace_bytes
 
+    impl = resolve_impl(None, torch.device(device_type))
     itemsize = torch.finfo(dtype).bits // 8
-    chunk = min(balanced_chunk_rows(rows, default_chunk_rows(args.vocab_size, itemsize, device_type)), rows)
-    row_buffers = 3 if device_type == "cpu" else 2
-    return chunk * (args.vocab_size + row_buffers * args.dim) * itemsize + rows * LOSS_ROW_BYTES
+    chunk_loop = workspace_bytes(rows, args.vocab_size, args.dim, itemsize, impl, device_type)
+    return chunk_loop + rows * LOSS_ROW_BYTES
 
 
 def _stream_allowance(model: nn.Module, config: TrainConfig, device_type: str) -> int:
