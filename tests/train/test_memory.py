@@ -116,14 +116,12 @@ def test_cuda_estimate_holds_the_foreach_adamw_temporary():
     """On CUDA AdamW runs ``foreach``: its step holds one more tensor the size of the parameter shard
     (``exp_avg_sq``'s square root). The estimate's fake tensors live on the CPU, where PyTorch would pick
     the loop over tensors, so the trainer names the implementation by the run's device."""
-    from wmtp_train.train.memory import estimate_memory
-
-    small_activations = [
-        "data.max_len=16",
-        "stage2.micro_batch_size=1",
-        "parallel.activation_checkpoint=full",
-    ]
-    config = load_recipe("verifiable", ["model.preset=micro", *small_activations])  # the step is the peak
-    cuda, cpu = (estimate_memory(config, world_size=1, device_type=d)[1] for d in ("cuda", "cpu"))
-    moments = cpu.categories["optimizer state"]  # two float32 tensors per trained parameter
-    assert cuda.categories["optimizer state"] == pytest.approx(1.5 * moments, rel=0.02)
+    small_activations = ["data.max_len=16", "stage2.micro_batch_size=1"]
+    small_activations.append("parallel.activation_checkpoint=full")
+    args = ["--recipe", "verifiable", "--preset", "micro", "--estimate-memory", "--world-size", "1"]
+    for setting in small_activations:  # so that the optimizer step is the peak
+        args += ["--set", setting]
+    cpu, cuda = (_cli([*args, "--set", f"run.device={device}"]) for device in ("cpu", "cuda"))
+    assert cpu.returncode == 0 and cuda.returncode == 0, cpu.stderr[-2000:] + cuda.stderr[-2000:]
+    moments = _row(cpu.stdout, "optimizer state")[1]  # stage 2, MiB: two float32 tensors per parameter
+    assert _row(cuda.stdout, "optimizer state")[1] == pytest.approx(1.5 * moments, rel=0.02)
