@@ -19,9 +19,11 @@ from wmtp_train.experiment.driver import MAX_LEN, plan_steps
 from wmtp_train.experiment.protocol import QUICK, Protocol, check_recipes, expected_tokens_per_sample
 from wmtp_train.experiment.report import (
     confidence_interval,
+    discordant_problems,
     markdown,
     mean_std,
     paired_differences,
+    sign_test,
     write_report,
 )
 
@@ -131,6 +133,36 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     width, height = struct.unpack(">II", png[16:24])
     assert width > 1000 and height > 300
     assert "![pass@1 and training curves](report.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_per_problem_sign_test(tmp_path):
+    # 3 against 21 discordant problems: 2 * (C(24,0) + C(24,1) + C(24,2) + C(24,3)) / 2^24 = 2.77e-4
+    assert sign_test(3, 21) == pytest.approx(2 * 2325 / 2**24)
+    assert sign_test(21, 3) == sign_test(3, 21)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(0, 6) == pytest.approx(2 / 64)
+    pass1 = {"base": [0.1, 0.1], "baseline": [0.2, 0.2], "correct_only": [0.5, 0.5], "verifiable": [0.3, 0.3]}
+    results = fake_results(pass1)
+    split = HELDOUT_SPLITS[0]
+    solved = {"baseline": ["a"], "correct_only": ["a", "b", "c"], "verifiable": ["a", "d"]}
+    assert "p = " not in markdown(results)  # no per-problem outcomes recorded: no table
+    for seed_runs in results["runs"].values():
+        for run, ids in solved.items():
+            seed_runs[run]["eval"]["greedy"][f"solved/{split}"] = ids
+    assert discordant_problems(results, "verifiable", "correct_only", split) == (2, 4)  # d twice; b, c twice
+    assert discordant_problems(results, "verifiable", "baseline", split) == (2, 0)
+    text = markdown(results)
+    assert f"| verifiable − correct_only | 2 / 4 (p = {sign_test(2, 4):.4f}) |" in text
+
+
+def test_solved_problems_reads_the_greedy_records(tmp_path):
+    from wmtp_train.experiment.measure import solved_problems
+
+    rows = [("T/2", HELDOUT_SPLITS[0], 1), ("T/1", HELDOUT_SPLITS[0], 1), ("T/3", HELDOUT_SPLITS[1], 0)]
+    lines = [json.dumps({"task_id": t, "split": split, "passed": passed}) for t, split, passed in rows]
+    (tmp_path / "synthetic_records.jsonl").write_text("\n".join(lines) + "\n")
+    first, second = (f"solved/{split}" for split in HELDOUT_SPLITS)
+    assert solved_problems(tmp_path) == {first: ["T/1", "T/2"], second: []}
 
 
 @pytest.mark.slow

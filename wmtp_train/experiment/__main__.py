@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from wmtp_train.experiment.driver import run_experiment
-from wmtp_train.experiment.measure import add_skeleton_rates
+from wmtp_train.experiment.measure import add_greedy_details
 from wmtp_train.experiment.protocol import DEFAULT, QUICK, RECIPE_WEIGHTING, Protocol
 from wmtp_train.experiment.report import write_report
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --report-only: no {out / 'results.json'}", file=sys.stderr)
             return 2
         results = json.loads((out / "results.json").read_text())
-        add_skeleton_rates(results, out)
+        add_greedy_details(results, out)
         write_report(results, out / "report.md", out / "report.png")
         return 0
     protocol = QUICK if args.quick else DEFAULT

@@ -248,7 +248,7 @@ def run_experiment(
         "wall_s": time.monotonic() - start,
         "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
     }
-    measure.add_skeleton_rates(results, out)
+    measure.add_greedy_details(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out / "report.md", out / "report.png")
     log(f"done in {results['wall_s'] / 60:.1f} min: {out / 'report.md'}")

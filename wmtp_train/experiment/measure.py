@@ -191,10 +191,29 @@ def skeleton_rates(greedy_dir: Path, data_dir: Path) -> dict[str, float]:
     return {f"skeleton@1/{split}": float(np.mean(m)) for split, m in matches.items() if m}
 
 
-def add_skeleton_rates(results: dict[str, Any], out: Path) -> None:
-    """Add :func:`skeleton_rates` to the greedy figures of every run in ``results`` that has them."""
+def solved_problems(greedy_dir: Path) -> dict[str, list[str]]:
+    """Per held-out split, the task ids whose greedy completion passes (for per-problem paired tests).
+
+    Args:
+        greedy_dir: a greedy evaluation's directory (``synthetic_records.jsonl``).
+
+    Returns:
+        ``{"solved/<split>": sorted task ids}``.
+    """
+    solved: dict[str, list[str]] = {f"solved/{split}": [] for split in HELDOUT_SPLITS}
+    for line in (greedy_dir / "synthetic_records.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["passed"]:
+            solved[f"solved/{row['split']}"].append(row["task_id"])
+    return {key: sorted(ids) for key, ids in solved.items()}
+
+
+def add_greedy_details(results: dict[str, Any], out: Path) -> None:
+    """Add :func:`skeleton_rates` and :func:`solved_problems` to the greedy figures of every run in
+    ``results`` that has them."""
     for seed, runs in results["runs"].items():
         for name, run in runs.items():
             greedy = out / seed / name / "eval" / "greedy"
             if "greedy" in run.get("eval", {}) and greedy.is_dir():
                 run["eval"]["greedy"] |= skeleton_rates(greedy, Path(results["data_dir"]))
+                run["eval"]["greedy"] |= solved_problems(greedy)

@@ -78,12 +78,59 @@ def paired_differences(
     return diffs
 
 
+def discordant_problems(results: dict[str, Any], first: str, second: str, split: str) -> tuple[int, int]:
+    """Held-out problems of ``split`` that only ``first``'s greedy completion solves, and only
+    ``second``'s, summed over the seeds where both ran (from ``solved/<split>``)."""
+    first_only = second_only = 0
+    for seed_runs in results["runs"].values():
+        a = seed_runs.get(first, {}).get("eval", {}).get("greedy", {}).get(f"solved/{split}")
+        b = seed_runs.get(second, {}).get("eval", {}).get("greedy", {}).get(f"solved/{split}")
+        if a is not None and b is not None:
+            first_only += len(set(a) - set(b))
+            second_only += len(set(b) - set(a))
+    return first_only, second_only
+
+
+def sign_test(first_only: int, second_only: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of discordant problems: the probability, if each
+    discordant problem were equally likely to go either way, of a split at least this uneven."""
+    n = first_only + second_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(first_only, second_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _per_problem_table(results: dict[str, Any], pairs: list[tuple[str, str]]) -> list[str]:
+    lines = [
+        "",
+        "Per problem (greedy pass@1, summed over seeds): held-out problems that only the first recipe "
+        "solves / only the second, and the exact two-sided sign test of those problems (McNemar). It says "
+        "how surely these trained models differ on these problems; the spread over seeds (above) is the "
+        "test of the recipes.",
+        "",
+        "| difference | " + " | ".join(SHORT[split] for split in HELDOUT_SPLITS) + " |",
+        "|---" * (len(HELDOUT_SPLITS) + 1) + "|",
+    ]
+    for a, b in pairs:
+        cells = []
+        for split in HELDOUT_SPLITS:
+            first_only, second_only = discordant_problems(results, a, b, split)
+            cells.append(f"{first_only} / {second_only} (p = {sign_test(first_only, second_only):.4f})")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _stage(results: dict[str, Any], run: str, stage: str, key: str) -> list[float]:
     return [
         float(seed_runs[run]["train"][stage][key])
         for seed_runs in results["runs"].values()
         if run in seed_runs and stage in seed_runs[run]["train"]
     ]
+
+
+def _greedy_keys(seed_runs: dict[str, Any]) -> set[str]:
+    return {key for run in seed_runs.values() for key in run.get("eval", {}).get("greedy", {})}
 
 
 def _walls(results: dict[str, Any], run: str, key: str) -> list[float]:
@@ -136,6 +183,8 @@ def markdown(results: dict[str, Any]) -> str:
                 interval = f"; 95% CI {low:+.3f} to {high:+.3f}"
                 cells.append(f"{_fmt(diffs)} ({per_seed}{interval})" if len(diffs) > 1 else _fmt(diffs))
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+        if any(key.startswith("solved/") for r in results["runs"].values() for key in _greedy_keys(r)):
+            lines += _per_problem_table(results, pairs)
     critic_runs = [
         (name, label)
         for name, label in (("critic", "after stage 1 (frozen base trunk)"), ("verifiable", "after stage 2"))
