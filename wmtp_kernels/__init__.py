@@ -7,7 +7,13 @@ with them. :mod:`wmtp_kernels.reference` is the independent plain-PyTorch oracle
 """
 
 from wmtp_kernels.critic import explained_variance, value_loss
-from wmtp_kernels.masks import applied_weight_mask, count_mtp_targets, head_valid_mask, last_token_index
+from wmtp_kernels.masks import (
+    applied_weight_mask,
+    count_mtp_targets,
+    head_valid_mask,
+    last_token_index,
+    prediction_targets,
+)
 from wmtp_kernels.mtp_cross_entropy import weighted_mtp_cross_entropy
 from wmtp_kernels.mtp_loss import FusedWeightedMTPLoss, fused_weighted_mtp_loss
 from wmtp_kernels.options import IGNORE_INDEX, TERMINAL_MODES, WeightingOptions
@@ -28,6 +34,7 @@ __all__ = [
     "explained_variance",
     "fused_weighted_mtp_loss",
     "head_valid_mask",
+    "prediction_targets",
     "last_token_index",
     "value_loss",
     "weighted_mtp_cross_entropy",

@@ -55,6 +55,10 @@ def test_excess_scores_follow_the_weight_index_convention():
     # index 1 (token 2): head 1 (3.0) and head 2 from t=0 (0.0) -> 1.5
     # index 2 (token 3): head 1 from t=2 (0.0) and head 2 from t=1 (5.0) -> 2.5
     assert mean[0].tolist() == [0, 1.5, 2.5, 0, 0, 0]
+    # token 3 not trained: no head's prediction of it counts (head 2 at t=1 included), index 2 scores 0
+    labels[0, 3] = -100
+    mean = excess_loss_scores(ce, ref, labels, mask, score="mean_heads")
+    assert mean[0].tolist() == [0, 1.5, 0, 0, 0, 0]
 
 
 def test_rho1_weights_select_top_fraction_and_normalise():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from wmtp_kernels import IGNORE_INDEX, head_valid_mask
+from wmtp_kernels import IGNORE_INDEX, count_mtp_targets
 from wmtp_train.eval.metrics import ev_moments, explained_variance_from_moments
 from wmtp_train.train.parallelize import all_reduce
 
@@ -45,8 +45,7 @@ def prediction_counts(
     Returns:
         float64 [H] on the CPU.
     """
-    counts = [head_valid_mask(labels, attention_mask, k, ignore_index).sum() for k in range(1, n_heads + 1)]
-    return torch.stack(counts).double().cpu()
+    return count_mtp_targets(labels, attention_mask, n_heads, ignore_index).double().cpu()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wmtp_kernels import IGNORE_INDEX, applied_weight_mask, head_valid_mask
+from wmtp_kernels import IGNORE_INDEX, applied_weight_mask, prediction_targets
 from wmtp_train.model import LossOptions, MTPTransformer
 
 if TYPE_CHECKING:
@@ -174,10 +174,12 @@ def excess_loss_scores(
     diff = (ce_model - ce_reference).float()
     total = diff.new_zeros(batch, seq)
     count = diff.new_zeros(batch, seq)
-    for k in range(1, (1 if score == "next_token" else heads) + 1):
+    scored_heads = 1 if score == "next_token" else heads
+    valid_rows, _ = prediction_targets(labels, attention_mask, scored_heads, ignore_index)
+    for k in range(1, scored_heads + 1):
         if seq - k <= 0:
             continue
-        valid = head_valid_mask(labels, attention_mask, k, ignore_index).float()
+        valid = valid_rows[:, : seq - k, k - 1].float()
         # Prediction at position t (< T - k) is of token t + k, i.e. weight index t + k - 1.
         total += F.pad(diff[:, : seq - k, k - 1] * valid, (k - 1, 1))
         count += F.pad(valid, (k - 1, 1))
