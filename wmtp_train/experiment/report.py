@@ -30,11 +30,16 @@ def pass_metrics(samples: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _figure(seed_runs: dict[str, Any], run: str, evaluation: str, metric: str) -> Any:
+    """One evaluation figure of one run of one seed, or ``None`` where it is missing."""
+    return seed_runs.get(run, {}).get("eval", {}).get(evaluation, {}).get(metric)
+
+
 def seed_values(results: dict[str, Any], run: str, evaluation: str, metric: str) -> list[float]:
     """One figure of one run, per seed (seeds where the run is missing are skipped)."""
     values = []
     for seed_runs in results["runs"].values():
-        found = seed_runs.get(run, {}).get("eval", {}).get(evaluation, {}).get(metric)
+        found = _figure(seed_runs, run, evaluation, metric)
         if found is not None:
             values.append(float(found))
     return values
@@ -71,8 +76,8 @@ def paired_differences(
     """``first - second`` per seed where both ran."""
     diffs = []
     for seed_runs in results["runs"].values():
-        a = seed_runs.get(first, {}).get("eval", {}).get(evaluation, {}).get(metric)
-        b = seed_runs.get(second, {}).get("eval", {}).get(evaluation, {}).get(metric)
+        a = _figure(seed_runs, first, evaluation, metric)
+        b = _figure(seed_runs, second, evaluation, metric)
         if a is not None and b is not None:
             diffs.append(float(a) - float(b))
     return diffs
@@ -83,8 +88,8 @@ def discordant_problems(results: dict[str, Any], first: str, second: str, split:
     ``second``'s, summed over the seeds where both ran (from ``solved/<split>``)."""
     first_only = second_only = 0
     for seed_runs in results["runs"].values():
-        a = seed_runs.get(first, {}).get("eval", {}).get("greedy", {}).get(f"solved/{split}")
-        b = seed_runs.get(second, {}).get("eval", {}).get("greedy", {}).get(f"solved/{split}")
+        a = _figure(seed_runs, first, "greedy", f"solved/{split}")
+        b = _figure(seed_runs, second, "greedy", f"solved/{split}")
         if a is not None and b is not None:
             first_only += len(set(a) - set(b))
             second_only += len(set(b) - set(a))
