@@ -7,8 +7,8 @@
 #
 # 1. installs the wheels in --wheels (Liger-Kernel, cut-cross-entropy; benchmarks/fetch_wheels.sh) into a
 #    private target directory, if there are any;
-# 2. CUDA parity: pytest -m gpu over every test file with a gpu-marked test, plus the compiled Triton
-#    chunk primitive's tests (tests/kernels/test_triton_ce.py), at most --tests-limit seconds;
+# 2. CUDA parity: pytest -m "gpu or triton" over every test file with a gpu-marked test and every file
+#    marked triton (the Triton kernels' own tests, compiled here), at most --tests-limit seconds;
 # 3. a real training step at the 7B width against the memory estimator (benchmarks/gpu_7b_step.py), at
 #    most --step-limit seconds;
 # 4. the loss benchmark (benchmarks/gpu_bench.py) in the time left of --budget;
@@ -71,7 +71,7 @@ if [[ "$BEFORE_BENCH" -ge "$BUDGET" && "$RUN_BENCH" == 1 ]]; then
 fi
 
 cd "$ROOT"
-GPU_TEST_FILES=$(grep -rlE --include='test_*.py' '^@pytest\.mark\.gpu|pytestmark = pytest\.mark\.gpu' tests | sort | tr '\n' ' ')
+GPU_TEST_FILES=$(grep -rlE --include='test_*.py' '^@pytest\.mark\.gpu|pytestmark = pytest\.mark\.(gpu|triton)' tests | sort | tr '\n' ' ')
 SITE="${TMPDIR:-/tmp}/wmtp-gpu-check-site"
 shopt -s nullglob
 WHEEL_FILES=("$WHEELS"/*.whl)
@@ -80,7 +80,7 @@ shopt -u nullglob
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "gpu_check plan (dry run): out=$OUT budget=${BUDGET}s tests-limit=${TESTS_LIMIT}s"
     echo "wheels (${#WHEEL_FILES[@]}): ${WHEEL_FILES[*]:-none in $WHEELS}"
-    [[ "$RUN_TESTS" == 1 ]] && echo "tests: $PYTHON -m pytest -m gpu $GPU_TEST_FILES tests/kernels/test_triton_ce.py"
+    [[ "$RUN_TESTS" == 1 ]] && echo "tests: $PYTHON -m pytest -m 'gpu or triton' $GPU_TEST_FILES"
     [[ "$RUN_STEP" == 1 ]] && echo "7B-width step: $PYTHON benchmarks/gpu_7b_step.py (at most ${STEP_LIMIT}s)"
     [[ "$RUN_BENCH" == 1 ]] && echo "bench: $PYTHON benchmarks/gpu_bench.py --out $OUT --budget-s <what is left>"
     exit 0
@@ -109,12 +109,12 @@ STATUS=0
 NOTE="pytest -m gpu: not run"
 if [[ "$RUN_TESTS" == 1 ]]; then
     # shellcheck disable=SC2086  # the file list is split on purpose
-    timeout "$TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu $GPU_TEST_FILES \
-        tests/kernels/test_triton_ce.py 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout "$TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -m "gpu or triton" $GPU_TEST_FILES \
+        2>&1 | tee "$OUT/gpu-tests.log"
     TESTS_RC=$?
     SUMMARY=$(grep -E '(passed|failed|error)' "$OUT/gpu-tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
     [[ "$TESTS_RC" == 124 ]] && SUMMARY="stopped after ${TESTS_LIMIT} s; last line: ${SUMMARY:-none}"
-    NOTE="CUDA tests (pytest -m gpu + test_triton_ce.py): ${SUMMARY:-no summary line} (exit $TESTS_RC)."
+    NOTE="CUDA tests (pytest -m 'gpu or triton'): ${SUMMARY:-no summary line} (exit $TESTS_RC)."
     [[ "$TESTS_RC" != 0 ]] && STATUS=1
 fi
 

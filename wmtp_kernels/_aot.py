@@ -19,7 +19,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from wmtp_kernels import _triton_ce
+from wmtp_kernels import _triton_ce, _triton_rows, _triton_scale
 
 ARCHS = (80, 90)
 
@@ -83,7 +83,66 @@ def kernel_specs() -> list[KernelSpec]:
     block_v, num_warps = _triton_ce.launch_config(128256)
     specs.append(_ce_spec(torch.float16, "weights", False, False, block_v, num_warps))
     specs.append(_ce_spec(torch.bfloat16, "td last_state", True, False, block_v, num_warps, wide=True))
+    return specs + _row_plan_specs() + _scale_specs()
+
+
+def _spec(kernel, label: str, types: list[str], constexprs: dict, num_warps: int = 4) -> KernelSpec:
+    """A spec whose non-constexpr arguments come first, typed by ``types``, then ``constexprs``."""
+    names = kernel.arg_names
+    signature = dict(zip(names[: len(types)], types, strict=False))
+    signature.update({name: "constexpr" for name in names[len(types) :]})
+    if list(signature) != list(names) or set(constexprs) != set(names[len(types) :]):
+        raise ValueError(f"{kernel.__name__}: the types and constexprs do not cover {names}")
+    return KernelSpec(kernel, label, signature, constexprs, num_warps)
+
+
+def _row_plan_specs() -> list[KernelSpec]:
+    """The row kernels (:mod:`wmtp_kernels._triton_rows`): with and without mask / rewards, each weight
+    source, mean (batch or given counts) and sum."""
+    block, specs = _triton_rows.BLOCK_ROWS, []
+    scalars = ["i32"] * 5  # n_rows, seq, batch, vocab, ignore_index
+    for mask, rewards in (("*i64", "*fp32"), ("*i1", None)):
+        label = f"mask {mask}, " + ("rewards" if rewards else "no rewards")
+        types = ["*i64", mask, rewards or "*i64", "*i64", "*i64", *scalars]
+        constexprs = {"HEADS": 4, "HAS_MASK": True, "HAS_REWARDS": rewards is not None, "BLOCK": block}
+        specs.append(_spec(_triton_rows._count_rows_kernel, label, types, constexprs))
+    variants = [
+        (0, True, False, "*fp32"),
+        (1, True, True, "*bf16"),
+        (1, False, False, "*fp32"),
+        (2, True, False, "*fp32"),
+    ]
+    for source, mean, target_counts, weights in variants:
+        label = f"source {source}, weights {weights}, mean {mean}, target counts {target_counts}"
+        types = [
+            "*i64",
+            "*i64",
+            weights,
+            "*i64",
+            "*i64",
+            "*i64",
+            "*i64",
+            "*i64",
+            "*fp32",
+            "*fp32",
+            "*i64",
+            "*i64",
+        ]
+        constexprs = {
+            "HEADS": 4, "HAS_MASK": True, "WEIGHT_SOURCE": source, "MEAN": mean,
+            "HAS_TARGET_COUNTS": target_counts, "BLOCK": block,
+        }  # fmt: skip
+        specs.append(_spec(_triton_rows._compact_rows_kernel, label, types + ["i32"] * 3, constexprs))
     return specs
+
+
+def _scale_specs() -> list[KernelSpec]:
+    """The gradient scaling of :mod:`wmtp_kernels._triton_scale`, per gradient dtype."""
+    return [
+        _spec(_triton_scale._scale_unless_one_kernel, f"{ptr[1:]}", [ptr, "*fp32", "i64"],
+              {"BLOCK": _triton_scale.BLOCK}, num_warps=8)
+        for ptr in ("*fp32", "*bf16", "*fp16")
+    ]  # fmt: skip
 
 
 def _ce_spec(dtype, mode, has_td, last_transition, block_v, num_warps, wide=False) -> KernelSpec:

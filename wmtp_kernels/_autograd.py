@@ -133,6 +133,23 @@ def forward_outputs(
     return ((plan.scale * weighted).sum(), head_ce, _empty(ce), _empty(ce), *grads)
 
 
+ScaleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _multiply_(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return x.mul_(grad.to(x.dtype))
+
+
+def _large_grad_scaler(impl: str) -> ScaleFn:
+    """How backward scales the large gradients in place: the Triton path's kernel skips an incoming
+    gradient of 1 on the device (:mod:`wmtp_kernels._triton_scale`)."""
+    if impl != "triton":
+        return _multiply_
+    from wmtp_kernels._triton_scale import scale_unless_one_
+
+    return scale_unless_one_
+
+
 class StoredGrads:
     """Gradients computed in the forward pass, handed to autograd by ``backward``.
 
@@ -146,8 +163,11 @@ class StoredGrads:
         small: Small gradients (or ``None`` entries).
     """
 
-    def __init__(self, large: list[torch.Tensor | None], small: list[torch.Tensor | None]) -> None:
+    def __init__(
+        self, large: list[torch.Tensor | None], small: list[torch.Tensor | None], scale_: ScaleFn = _multiply_
+    ) -> None:
         self.large: list[torch.Tensor | None] | None = large
+        self.scale_ = scale_
         self.small = small
         self.needs_large = any(g is not None for g in large)
         self.n_large = len(large)
@@ -172,7 +192,7 @@ class StoredGrads:
             large, self.large = self.large, None
             for g in large:
                 if g is not None:
-                    g.mul_(grad_output.to(g.dtype))
+                    self.scale_(g, grad_output)
         small = [None if g is None else g * grad_output.to(g.dtype) for g in self.small]
         return large + small
 
@@ -204,7 +224,9 @@ def save_for_backward(
         ctx.pending = grads[:-N_TOKEN_INPUTS]  # unscaled large gradients, if the entry point has them
         return
     ctx.replay = None
-    ctx.grads = StoredGrads(grads[:-N_TOKEN_INPUTS], grads[-N_TOKEN_INPUTS:])
+    ctx.grads = StoredGrads(
+        grads[:-N_TOKEN_INPUTS], grads[-N_TOKEN_INPUTS:], _large_grad_scaler(options.impl)
+    )
 
 
 def replay_token_grads(

@@ -23,7 +23,7 @@ from torch import Tensor
 from wmtp_kernels import _autograd, _validation
 from wmtp_kernels._common import LossOptions, RowWeights
 from wmtp_kernels._linear_pass import default_chunk_rows, linear_pass
-from wmtp_kernels._rows import build_row_layout, compute_dtype
+from wmtp_kernels._rows import RowLayout, build_row_layout, compute_dtype, td_row_inputs
 
 N_DIFFERENTIABLE = 6  # hidden, weight, bias, weights, values, rewards
 
@@ -74,13 +74,56 @@ def _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, 
     return layout.valid_rows(n_valid)
 
 
-def forward(hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options):
-    """The operator's computation (see the module doc for the outputs)."""
+def _kernel_plan(
+    hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options
+):
+    """The Triton path's plan from the row kernels (:mod:`wmtp_kernels._triton_rows`): two launches and
+    one synchronisation, which reads the valid-row count with the data checks' counts."""
+    from wmtp_kernels import _triton_rows
+
+    batch, seq, heads, _ = hidden.shape
+    vocab, ignore_index = weight.shape[0], options.ignore_index
+    source = "td" if values is not None else "weights" if weights is not None else "uniform"
+    mean = options.reduction == "mean"
+    buffers = _triton_rows.plan_rows(
+        labels, attention_mask, heads, vocab, ignore_index, source, weights, rewards, target_counts, mean
+    )
+    n_valid, *found = buffers.counts[: _triton_rows.N_TOTALS].tolist()
+    _validation.raise_data_problems(found, labels, vocab, ignore_index, rewards)
+    if options.check_finite:
+        _validation.check_finite(
+            hidden=hidden, lm_head_weight=weight, lm_head_bias=bias, weights=weights, values=values
+        )
+    head_counts = buffers.counts[_triton_rows.N_TOTALS :]
+    layout = RowLayout(batch, seq, heads, valid=None, targets=None, head_counts=head_counts)
+    rows = buffers.rows[:n_valid]
+    if source == "td":
+        row_b_j = (buffers.row_b[:n_valid], buffers.row_j[:n_valid])
+        td = td_row_inputs(layout, values, rewards, attention_mask, options.weighting, row_b_j=row_b_j)
+        row_source = RowWeights(None, td)
+    elif source == "weights":
+        row_source = RowWeights(buffers.weights[:n_valid], None)
+    else:
+        row_source = RowWeights(torch.ones(n_valid, device=rows.device), None)
+    return _autograd.LossPlan(layout, rows, buffers.targets[:n_valid], buffers.scale[:n_valid], row_source)
+
+
+def _torch_plan(
+    hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options
+):
     layout = build_row_layout(labels, attention_mask, hidden.shape[2], options.ignore_index)
     rows = _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, labels, options)
     token_inputs = (weights, values, rewards, attention_mask)
     dtype = compute_dtype(weight.dtype)
-    plan = _autograd.plan_loss(layout, rows, *token_inputs, options, dtype, target_counts)
+    return _autograd.plan_loss(layout, rows, *token_inputs, options, dtype, target_counts)
+
+
+def forward(hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options):
+    """The operator's computation (see the module doc for the outputs)."""
+    inputs = (hidden, weight, bias, weights, values, rewards, labels, attention_mask, target_counts, options)
+    kernels_plan = options.impl == "triton" and compute_dtype(weight.dtype) == torch.float32
+    plan = _kernel_plan(*inputs) if kernels_plan else _torch_plan(*inputs)
+    token_inputs = (weights, values, rewards, attention_mask)
     need = (False,) * 3 if options.reduction == "none" else options.grad_flags[:3]
     rows, targets, scale = plan.rows, plan.targets, plan.scale
     result, large = _run_pass(hidden, weight, bias, rows, targets, scale, plan.source, options, need)

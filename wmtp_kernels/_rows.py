@@ -72,26 +72,38 @@ class RowLayout:
         batch: B.
         seq: T.
         heads: H.
-        valid: ``[N]`` bool, the rows that count.
-        targets: ``[N]`` int64 target ids (0 on invalid rows, so every id is a legal index).
-        row_b: ``[N]`` int64 batch index of each row.
-        row_j: ``[N]`` int64 weight index ``t + k - 1``, clipped to ``T - 1`` (only invalid rows clip).
+        valid: ``[N]`` bool, the rows that count (``None`` where the Triton row kernels planned the call,
+            :mod:`wmtp_kernels._triton_rows`, which hand over the valid rows' data directly).
+        targets: ``[N]`` int64 target ids, 0 on invalid rows so every id is a legal index (``None`` as
+            ``valid``).
         head_counts: ``[H]`` int64 number of valid rows of each head.
     """
 
     batch: int
     seq: int
     heads: int
-    valid: torch.Tensor
-    targets: torch.Tensor
-    row_b: torch.Tensor
-    row_j: torch.Tensor
+    valid: torch.Tensor | None
+    targets: torch.Tensor | None
     head_counts: torch.Tensor
 
     @property
     def n_rows(self) -> int:
         """``N = B * T * H``."""
         return self.batch * self.seq * self.heads
+
+    @property
+    def row_b(self) -> torch.Tensor:
+        """``[N]`` int64 batch index of each row."""
+        b = torch.arange(self.batch, device=self.head_counts.device)
+        return b.repeat_interleave(self.seq * self.heads)
+
+    @property
+    def row_j(self) -> torch.Tensor:
+        """``[N]`` int64 weight index ``t + k - 1``, clipped to ``T - 1`` (only invalid rows clip)."""
+        device = self.head_counts.device
+        t = torch.arange(self.seq, device=device)[:, None]
+        k = torch.arange(1, self.heads + 1, device=device)[None, :]
+        return (t + k - 1).clamp(max=self.seq - 1).reshape(-1).repeat(self.batch)
 
     def head_of(self, rows: torch.Tensor) -> torch.Tensor:
         """Head index ``k - 1`` of the given rows."""
@@ -126,18 +138,12 @@ def build_row_layout(
     batch, seq = labels.shape
     valid, target_ids = prediction_targets(labels, attention_mask, heads, ignore_index)
     targets = torch.where(valid, target_ids.long(), 0)
-    t = torch.arange(seq, device=labels.device)[:, None]
-    k = torch.arange(1, heads + 1, device=labels.device)[None, :]
-    row_j = (t + k - 1).clamp(max=seq - 1).expand(batch, seq, heads)
-    row_b = torch.arange(batch, device=labels.device)[:, None, None].expand(batch, seq, heads)
     return RowLayout(
         batch=batch,
         seq=seq,
         heads=heads,
         valid=valid.reshape(-1),
         targets=targets.reshape(-1),
-        row_b=row_b.reshape(-1),
-        row_j=row_j.reshape(-1),
         head_counts=valid.sum(dim=(0, 1)),
     )
 
@@ -199,8 +205,10 @@ def td_row_inputs(
     attention_mask: torch.Tensor | None,
     options: WeightingOptions,
     dtype: torch.dtype = torch.float32,
+    row_b_j: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TDRowInputs:
-    """The :class:`TDRowInputs` of all ``N`` rows (select a chunk with :meth:`TDRowInputs.select`).
+    """The :class:`TDRowInputs` of all ``N`` rows, or of the rows whose ``row_b`` / ``row_j`` are given
+    (select a chunk with :meth:`TDRowInputs.select`).
 
     Args:
         layout: The row layout.
@@ -209,10 +217,12 @@ def td_row_inputs(
         attention_mask: ``[B, T]`` mask or ``None``.
         options: TD and weighting options.
         dtype: Dtype of values and rewards: float32 (the kernel contract) or float64 (torch backend).
+        row_b_j: ``(row_b, row_j)`` of the rows, or ``None`` for all of the layout's.
 
     Returns:
-        The TD inputs, with ``row_b`` / ``row_j`` of all rows.
+        The TD inputs.
     """
+    row_b, row_j = (layout.row_b, layout.row_j) if row_b_j is None else row_b_j
     v = values.detach().reshape(layout.batch, layout.seq).to(dtype).contiguous()
     if attention_mask is None:
         mask = torch.ones(layout.batch, layout.seq, dtype=torch.bool, device=v.device)
@@ -223,8 +233,8 @@ def td_row_inputs(
         rewards=rewards.detach().to(dtype).contiguous(),
         mask=mask,
         last=last_token_index(mask),
-        row_b=layout.row_b,
-        row_j=layout.row_j,
+        row_b=row_b,
+        row_j=row_j,
         gamma=float(options.gamma),
         beta=float(options.beta),
         min_weight=float(options.min_weight),

@@ -13,6 +13,8 @@ from wmtp_kernels import reference
 from wmtp_kernels._rows import TDRowInputs
 from wmtp_kernels._triton_ce import _weighted_ce_rows_kernel, launch_config, weighted_ce_chunk_
 
+pytestmark = pytest.mark.triton
+
 COMPILED = isinstance(_weighted_ce_rows_kernel, triton.runtime.JITFunction)
 if COMPILED and not torch.cuda.is_available():
     pytest.skip(
