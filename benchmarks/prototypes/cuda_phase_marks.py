@@ -3,10 +3,11 @@
     python benchmarks/prototypes/cuda_phase_marks.py [--rounds 10] [--impls ours,ours-td] [--device cuda]
 
 The loss's phases (entry of ``fused_weighted_mtp_loss``, the custom operator's body, the row plan with
-its one synchronisation, the chunk loop, the outputs; backward follows the API's return) are wrapped so that each records
-``time.perf_counter()`` and a CUDA event as it starts. Per phase: the host's time since the step began
-and the device's (event) time, medians over rounds. Where the device's time equals the host's, the device
-was waiting for the host to launch work; the phase-to-phase differences say which phase costs the time.
+its one synchronisation, the chunk loop, the outputs; backward follows the API's return) are wrapped so
+that each records ``time.perf_counter()`` and a CUDA event as it starts. Per phase: the host's time since
+the step began and the device's (event) time, medians over rounds. Where the device's time equals the
+host's, the device was waiting for the host to launch work; the phase-to-phase differences say which
+phase costs the time.
 ``--device cpu`` runs the same code at a small shape (a smoke test; device times are then host times).
 """
 
