@@ -1,6 +1,7 @@
 """When the host and the device reach each phase of one step of the fused loss (CUDA).
 
     python benchmarks/prototypes/cuda_phase_marks.py [--rounds 10] [--impls ours,ours-td] [--device cuda]
+                                                     [--with-floor]
 
 The loss's phases (entry of ``fused_weighted_mtp_loss``, the custom operator's body, the row plan with
 its one synchronisation, the chunk loop, the outputs; backward follows the API's return) are wrapped so
@@ -61,7 +62,9 @@ def instrument(device: str) -> None:
     wrap(_autograd, "backward", "backward", device)
 
 
-def one_round(impl: str, case: dict, device: str) -> list[tuple[str, float, float]]:
+def one_round(impl: str, case: dict, device: str, with_floor: bool = False) -> list[tuple[str, float, float]]:
+    if with_floor:  # as the benchmark's rounds alternate with the floor (untimed here)
+        impls.step("floor", case)
     impls.clear_grads(case)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -84,6 +87,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--impls", default="ours,ours-td")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--with-floor", action="store_true", help="run the floor (untimed) before each round")
     args = p.parse_args()
     instrument(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -92,8 +96,8 @@ def main() -> None:
         case = impls.make_case(shape, dtype, args.device)
         for impl in args.impls.split(","):
             for _ in range(3):
-                one_round(impl, case, args.device)
-            runs = [one_round(impl, case, args.device) for _ in range(args.rounds)]
+                one_round(impl, case, args.device, args.with_floor)
+            runs = [one_round(impl, case, args.device, args.with_floor) for _ in range(args.rounds)]
             print(f"== V={shape[-1]} {impl}: ms since the step began (median of {args.rounds})")
             print(f"  {'phase':<20} {'host':>8} {'device':>8}")
             for i, (name, _, _) in enumerate(runs[0]):

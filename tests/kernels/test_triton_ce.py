@@ -154,8 +154,14 @@ def test_td_mode_accepts_int8_mask_and_gamma_one():
     values = torch.tensor([[0.5, 0.7, 0.9]])
     mask = torch.ones(1, 3, dtype=torch.int8)
     td = TDRowInputs(
-        *on_device(values, torch.tensor([1.0]), mask, torch.tensor([2]), torch.zeros(3, dtype=torch.int64)),
-        torch.arange(3),
+        *on_device(
+            values,
+            torch.tensor([1.0]),
+            mask,
+            torch.tensor([2]),
+            torch.zeros(3, dtype=torch.int64),
+            torch.arange(3),
+        ),
         1.0,
         0.9,
         0.1,
