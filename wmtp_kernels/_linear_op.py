@@ -59,18 +59,21 @@ def _run_pass(hidden, weight, bias, rows, targets, scale, source, options, need)
     return result, [grad_hidden, result.grad_weight, grad_bias]
 
 
-def _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, labels, options):
-    """The valid rows, once the inputs passed the checks that read data. The label range, the rewards
-    and the valid-row count are read in one synchronisation with the device (``check_finite`` adds
-    its own)."""
-    vocab, ignore_index = weight.shape[0], options.ignore_index
-    problems = _validation.data_problem_counts(labels, vocab, ignore_index, rewards)
-    n_valid, *found = torch.cat([layout.valid.sum().view(1), problems]).tolist()
-    _validation.raise_data_problems(found, labels, vocab, ignore_index, rewards)
+def _raise_on_bad_data(found, hidden, weight, bias, weights, values, rewards, labels, options) -> None:
+    """Raise for the data problems counted on the device and read with the valid-row count (the label
+    range, the rewards); then ``check_finite``, if asked, with its own synchronisation."""
+    _validation.raise_data_problems(found, labels, weight.shape[0], options.ignore_index, rewards)
     if options.check_finite:
         _validation.check_finite(
             hidden=hidden, lm_head_weight=weight, lm_head_bias=bias, weights=weights, values=values
         )
+
+
+def _checked_valid_rows(layout, hidden, weight, bias, weights, values, rewards, labels, options):
+    """The valid rows, once the inputs passed the checks that read data (one synchronisation)."""
+    problems = _validation.data_problem_counts(labels, weight.shape[0], options.ignore_index, rewards)
+    n_valid, *found = torch.cat([layout.valid.sum().view(1), problems]).tolist()
+    _raise_on_bad_data(found, hidden, weight, bias, weights, values, rewards, labels, options)
     return layout.valid_rows(n_valid)
 
 
@@ -89,11 +92,7 @@ def _kernel_plan(
         labels, attention_mask, heads, vocab, ignore_index, source, weights, rewards, target_counts, mean
     )
     n_valid, *found = buffers.counts[: _triton_rows.N_TOTALS].tolist()
-    _validation.raise_data_problems(found, labels, vocab, ignore_index, rewards)
-    if options.check_finite:
-        _validation.check_finite(
-            hidden=hidden, lm_head_weight=weight, lm_head_bias=bias, weights=weights, values=values
-        )
+    _raise_on_bad_data(found, hidden, weight, bias, weights, values, rewards, labels, options)
     head_counts = buffers.counts[_triton_rows.N_TOTALS :]
     layout = RowLayout(batch, seq, heads, valid=None, targets=None, head_counts=head_counts)
     rows = buffers.rows[:n_valid]

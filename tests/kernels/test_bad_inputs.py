@@ -1,5 +1,7 @@
 """Table-driven bad-input campaign: every public entry point names the argument and the shapes/dtypes."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -145,8 +147,12 @@ def check_message(info, words):
 
 @pytest.mark.parametrize(
     "fn",
-    [ref.weighted_mtp_loss_from_hidden, wmtp_kernels.fused_weighted_mtp_loss],
-    ids=["reference", "fused"],
+    [
+        ref.weighted_mtp_loss_from_hidden,
+        wmtp_kernels.fused_weighted_mtp_loss,
+        partial(wmtp_kernels.fused_weighted_mtp_loss, impl="triton"),  # the row kernels count bad data
+    ],
+    ids=["reference", "fused", "fused-triton"],
 )
 @pytest.mark.parametrize(
     "case, overrides, error, words",
@@ -223,11 +229,12 @@ def test_weighting_functions_reject(module, name, args, error, words):
     check_message(info, words)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("where", ["hidden", "values"])
-def test_check_finite_flags_nan(where):
+def test_check_finite_flags_nan(where, impl):
     args = hidden_args(**VALUES)
     args[where] = args[where].clone()
     args[where].view(-1)[3] = float("nan")
     with pytest.raises(ValueError) as info:
-        wmtp_kernels.fused_weighted_mtp_loss(**args, check_finite=True)
+        wmtp_kernels.fused_weighted_mtp_loss(**args, check_finite=True, impl=impl)
     check_message(info, [where, "non-finite"])
