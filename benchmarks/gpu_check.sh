@@ -12,8 +12,9 @@
 # 3. a real training step at the 7B width against the memory estimator (benchmarks/gpu_7b_step.py), at
 #    most --step-limit seconds;
 # 4. the loss benchmark (benchmarks/gpu_bench.py) in the time left of --budget;
-# 5. writes RESULTS-cuda.md, results-cuda.json, gpu-tests.log, gpu-7b-step.log, gpu-bench.log and
-#    nvidia-smi.txt into --out, and RESULTS-cuda.md into benchmarks/ as well.
+# 5. writes RESULTS-cuda.md, results-cuda.json, gpu-tests.log, gpu-7b-step.log, gpu-bench.log,
+#    gpu-clocks.csv (clock and power during the benchmark) and nvidia-smi.txt into --out, and
+#    RESULTS-cuda.md into benchmarks/ as well.
 # Without a CUDA device it prints one line and exits 0. Exit status: non-zero if a test failed, the 7B-width
 # step's peak differed from the estimate by more than 10 % (or it failed), or the benchmark could not run.
 set -u -o pipefail
@@ -131,8 +132,14 @@ if [[ "$RUN_BENCH" == 1 ]]; then
         echo "gpu_check: only ${LEFT}s of the budget left, benchmark not run" | tee "$OUT/gpu-bench.log"
         STATUS=1
     else
+        # The SM clock, power and temperature every 200 ms during the benchmark: its rounds alternate with
+        # the floor's large GEMMs, after which the clock may be lower (KERNEL_NOTES.md, "Host time on CUDA").
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu \
+            --format=csv -lms 200 >"$OUT/gpu-clocks.csv" 2>/dev/null &
+        SAMPLER=$!
         "$PYTHON" benchmarks/gpu_bench.py --out "$OUT" --budget-s "$LEFT" --note "$NOTE" 2>&1 \
             | tee "$OUT/gpu-bench.log" || STATUS=1
+        kill "$SAMPLER" 2>/dev/null
         if [[ -f "$OUT/RESULTS-cuda.md" && "$OUT" != "$ROOT/benchmarks" ]]; then
             cp "$OUT/RESULTS-cuda.md" "$ROOT/benchmarks/RESULTS-cuda.md"
         fi
