@@ -8,13 +8,16 @@ explained variance over the completion tokens, and its prefix-oracle ceiling), p
 
 - ``corr2``: the squared correlation of V and R over the tokens, the explained variance V would reach
   after the best affine recalibration ``a V + b``: what ranking V carries, whatever its calibration.
+  ``slope`` is that best ``a``: below 1, V swings further than the reward it predicts.
 - ``ceiling_digit_blind``: the prefix-oracle ceiling when every digit of the completion is one symbol,
   i.e. of a critic that cannot tell ``x * 11`` from ``x * 12``. The base model cannot copy a constant
   from the docstring (README "Does the weighting help?"), so no critic built on it is expected to.
 
 Heads (the same :class:`~wmtp_train.model.ValueHead` input: the raw trunk state):
 
-- ``mlp``: the project's value head, ``V_t = sigmoid(f(h_t))``, as stage 1 trains it.
+- ``checkpoint``: the checkpoint's own trained value head, not fitted (e.g. a stage-1 run's, for its
+  ``corr2``).
+- ``mlp``: the project's value head, ``V_t = sigmoid(f(h_t))``, as stage 1 trains it (fresh).
 - ``hazard``: ``V_t = sigmoid(f(h_t)) * exp(-sum_{s <= t} softplus(g(h_s)))`` over the completion tokens
   so far: a token the head finds wrong (``g`` large) lowers V at every later token. A mutant is wrong from
   its mutated token on, which a per-token head has to re-detect at each later position.
@@ -103,7 +106,7 @@ class MLPHead(nn.Module):
 
 
 def report(head: nn.Module, data: CachedStates) -> dict[str, float]:
-    """Last-token AUC, explained variance and corr2 over the completion tokens."""
+    """Last-token AUC, and explained variance, corr2 and slope over the completion tokens."""
     with torch.no_grad():
         values = head(data.hidden, data.mask)
     v = values[data.mask].double().numpy()
@@ -113,6 +116,7 @@ def report(head: nn.Module, data: CachedStates) -> dict[str, float]:
         "auc_last_value": roc_auc(last, (data.rewards > 0.5).tolist()),
         "explained_variance": float(1 - np.var(r - v) / np.var(r)),
         "corr2": float(np.corrcoef(v, r)[0, 1] ** 2),
+        "slope": float(np.cov(v, r)[0, 1] / np.var(v, ddof=1)),
     }
 
 
@@ -123,7 +127,7 @@ def main() -> None:
     p.add_argument("--heldout", required=True)
     p.add_argument("--train-records", type=int, default=None, help="first N training records (default all)")
     p.add_argument("--max-len", type=int, default=384)
-    p.add_argument("--heads", default="mlp,hazard")
+    p.add_argument("--heads", default="mlp,hazard", help="comma-separated: checkpoint, mlp, hazard")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=64, help="records per step, drawn uniformly")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -138,6 +142,10 @@ def main() -> None:
     print(json.dumps({"records": [len(train.rewards), len(heldout.rewards)], **heldout.ceilings()}))
     print(f"trunk states cached in {time.monotonic() - start:.0f} s", flush=True)
     for name in args.heads.split(","):
+        if name == "checkpoint":
+            row = {f"heldout_{k}": round(v, 4) for k, v in report(MLPHead(model.value_head), heldout).items()}
+            print(json.dumps({"head": name, **row}), flush=True)
+            continue
         torch.manual_seed(0)
         value_head = ValueHead(model.args)
         value_head.init_weights()
