@@ -175,3 +175,25 @@ def test_every_implementation_computes_the_reference_loss(impl):
     torch.testing.assert_close(got, truth, rtol=1e-5, atol=1e-6)
     for g, t in zip(grads, truth_grads):
         torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-6)
+
+
+def test_critic_hazard_head_carries_a_wrong_token_to_every_later_token():
+    from benchmarks.prototypes.critic_heads import HazardHead
+    from wmtp_train.model import PRESETS, ValueHead
+
+    value_head = ValueHead(PRESETS["micro"])
+    value_head.init_weights()
+    head = HazardHead(value_head)
+    logits = torch.full((1, 6, 1), -30.0)
+    logits[0, 2] = 10.0  # token 2 looks wrong
+    head.hazard = torch.nn.Module()
+    head.hazard.forward = lambda x: logits
+    hidden = torch.randn(1, 6, value_head.norm.weight.shape[0])
+    plain = value_head(hidden).squeeze(-1)
+    values = head(hidden, torch.ones(1, 6, dtype=torch.bool))
+    torch.testing.assert_close(values[:, :2], plain[:, :2])
+    torch.testing.assert_close(
+        values[:, 2:], plain[:, 2:] * torch.exp(torch.tensor(-10.0)), rtol=1e-3, atol=0
+    )
+    masked = torch.tensor([[True, True, False, True, True, True]])  # a position that does not count
+    torch.testing.assert_close(head(hidden, masked), plain)

@@ -28,6 +28,7 @@ RUN_CONFIG_FILE = "config.toml"
 RECIPES = tuple(sorted(path.stem for path in RECIPE_DIR.glob("*.toml")))
 """The shipped recipes: one TOML file each in ``wmtp_train/recipes/``."""
 VALUE_LOSSES = ("mse", "huber")
+STAGE1_SAMPLERS = ("balanced", "uniform")
 RHO1_SCORES = ("mean_heads", "next_token")
 ACTIVATION_CHECKPOINT_MODES = ("none", "full", "selective")
 
@@ -164,11 +165,15 @@ class Stage1Config:
     """Huber transition point."""
     unfreeze_trunk: bool = False
     """Also train the embedding and trunk blocks (default: only the value head moves)."""
+    sampler: str = "balanced"
+    """``balanced`` (50/50 correct / incorrect, spread over difficulties) or ``uniform`` (the records as
+    they are, so V estimates the data's own success rate)."""
 
     def __post_init__(self) -> None:
         _positive("stage1", self, "steps", "micro_batch_size", "grad_accum", "lr", "huber_delta")
         _positive("stage1", self, "warmup_steps", "weight_decay", "max_grad_norm", allow_zero=True)
         _choice("stage1", "value_loss", self.value_loss, VALUE_LOSSES)
+        _choice("stage1", "sampler", self.sampler, STAGE1_SAMPLERS)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"stage1.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

@@ -43,6 +43,7 @@ def test_set_overrides_convert_types():
         ("stage2.steps=1.5", "expected int"),
         ("parallel.fsdp=maybe", "expected a bool"),
         ("stage2.weighting=magic", "stage2.weighting must be one of"),
+        ("stage1.sampler=natural", "stage1.sampler must be one of"),
         ("td.terminal=first", r"\[td\] terminal must be one of"),
         ("td.gamma=1.5", "td.gamma must be in"),
         ("stage2.steps=0", "stage2.steps must be > 0"),

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from wmtp_train.data.samplers import BLOCK, BalancedSampler, CurriculumSampler
+from wmtp_train.data.samplers import BLOCK, BalancedSampler, CurriculumSampler, UniformSampler
 
 
 def metadata(n=300, seed=0):
@@ -36,6 +36,16 @@ def test_balanced_sampler_with_one_label_missing_uses_the_other():
     difficulty = np.array([1, 2, 3, 4])
     drawn = take(BalancedSampler(np.zeros(4, bool), difficulty, seed=0), 100)
     assert set(drawn) <= {0, 1, 2, 3} and len(set(drawn)) == 4
+
+
+def test_uniform_sampler_keeps_the_records_label_mix():
+    is_correct, _ = metadata()
+    drawn = np.array(take(UniformSampler(len(is_correct), seed=1), 20000))
+    assert set(np.unique(drawn)) == set(range(len(is_correct)))
+    assert abs(is_correct[drawn].mean() - is_correct.mean()) < 0.02  # not pulled to 50/50
+    assert take(UniformSampler(300, seed=1), 50) == drawn[:50].tolist()
+    with pytest.raises(ValueError, match="n_records"):
+        UniformSampler(0)
 
 
 def test_sampler_is_deterministic_from_seed():

@@ -8,6 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from trainer_utils import tiny_config, write_tiny_jsonl
 
+from wmtp_train.data.samplers import BalancedSampler, UniformSampler
 from wmtp_train.train.trainer import NonFiniteAbort, Trainer
 
 
@@ -71,6 +72,14 @@ def test_stage1_unfreeze_trunk_moves_the_trunk_but_not_the_heads(data, tmp_path)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("layers.0.") for k in changed)
     assert not any(k.startswith(("extra_heads.", "head.", "layers.4.")) for k in changed)
+
+
+@pytest.mark.parametrize("sampler", ["balanced", "uniform"])
+def test_stage1_sampler_setting_picks_the_stage1_sampler(sampler, data, tmp_path):
+    cfg = tiny_config("verifiable", tmp_path / "run", data, **{"stage1.sampler": sampler})
+    trainer = Trainer(cfg)
+    picked = trainer.stages["stage1"].make_sampler(trainer.data.train.index)
+    assert type(picked) is {"balanced": BalancedSampler, "uniform": UniformSampler}[sampler]
 
 
 def test_stage1_critic_learns_a_learnable_reward(data, tmp_path):

@@ -173,6 +173,39 @@ class BalancedSampler(_StreamSampler):
         return out
 
 
+class UniformSampler(_StreamSampler):
+    """Stage 1 on the records' own label mix: every draw picks a record uniformly (with replacement).
+
+    A critic trained on this stream estimates P(success | prefix) under the data's base rate, where
+    :class:`BalancedSampler` shifts it to 50/50.
+    """
+
+    def __init__(
+        self,
+        n_records: int,
+        num_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """Draw from ``n_records`` records.
+
+        Args:
+            n_records: how many records there are (>= 1).
+            num_samples: global stream length (None = infinite).
+            seed: stream seed.
+            rank: this process's rank.
+            world_size: number of ranks.
+        """
+        if n_records < 1:
+            raise ValueError(f"n_records must be >= 1, got {n_records}")
+        super().__init__(num_samples, seed, rank, world_size)
+        self.n_records = int(n_records)
+
+    def _draw_block(self, rng: np.random.Generator, start: int, count: int) -> np.ndarray:
+        return rng.integers(0, self.n_records, size=count)
+
+
 class CurriculumSampler(_StreamSampler):
     """Stage 2: difficulty curriculum low 1-3 / medium 4-7 / high 8-11.
 

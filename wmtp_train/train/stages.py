@@ -19,7 +19,7 @@ import torch
 from wmtp_kernels import value_loss
 from wmtp_train.config import Stage1Config, Stage2Config
 from wmtp_train.data.index import OffsetIndex
-from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler
+from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler, UniformSampler
 from wmtp_train.model import LossOptions, ValueHead
 from wmtp_train.train.metrics import ReducedStep, StepStats, prediction_counts
 from wmtp_train.train.model_builder import ModelBuilder
@@ -52,13 +52,15 @@ class CriticStage(Stage):
             for block in model.layers[:-1]:
                 block.requires_grad_(True)
 
-    def make_sampler(self, index: OffsetIndex) -> BalancedSampler:
-        """A :class:`~wmtp_train.data.samplers.BalancedSampler` seeded with ``run.seed``."""
-        info = self.ctx.info
+    def make_sampler(self, index: OffsetIndex) -> BalancedSampler | UniformSampler:
+        """``stage1.sampler``'s sampler, seeded with ``run.seed``."""
+        info, seed = self.ctx.info, self.ctx.config.run.seed
+        if self.settings.sampler == "uniform":
+            return UniformSampler(len(index), seed=seed, rank=info.rank, world_size=info.world_size)
         return BalancedSampler(
             index.is_correct,
             index.difficulty,
-            seed=self.ctx.config.run.seed,
+            seed=seed,
             rank=info.rank,
             world_size=info.world_size,
         )

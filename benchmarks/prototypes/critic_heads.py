@@ -1,0 +1,172 @@
+"""Design exploration of the critic: which value head can learn, on a frozen trunk, what stage 1 must learn.
+
+Not the library. The trunk of a checkpoint is run once over the training and held-out records (frozen,
+as in the default stage 1) and its states at the completion tokens are cached; value heads are then fitted
+on the cache for many passes, which the trainer cannot afford on this CPU (it runs the trunk again for
+every draw). Reported on the held-out records with the critic report's definitions (last-token AUC,
+explained variance over the completion tokens, and its prefix-oracle ceiling), plus two diagnostics:
+
+- ``corr2``: the squared correlation of V and R over the tokens, the explained variance V would reach
+  after the best affine recalibration ``a V + b``: what ranking V carries, whatever its calibration.
+  ``slope`` is that best ``a``: below 1, V swings further than the reward it predicts.
+- ``ceiling_digit_blind``: the prefix-oracle ceiling when every digit of the completion is one symbol,
+  i.e. of a critic that cannot tell ``x * 11`` from ``x * 12``. The base model cannot copy a constant
+  from the docstring (README "Does the weighting help?"), so no critic built on it is expected to.
+
+Heads (the same :class:`~wmtp_train.model.ValueHead` input: the raw trunk state):
+
+- ``checkpoint``: the checkpoint's own trained value head, not fitted (e.g. a stage-1 run's, for its
+  ``corr2``).
+- ``mlp``: the project's value head, ``V_t = sigmoid(f(h_t))``, as stage 1 trains it (fresh).
+- ``hazard``: ``V_t = sigmoid(f(h_t)) * exp(-sum_{s <= t} softplus(g(h_s)))`` over the completion tokens
+  so far: a token the head finds wrong (``g`` large) lowers V at every later token. A mutant is wrong from
+  its mutated token on, which a per-token head has to re-detect at each later position.
+
+    python benchmarks/prototypes/critic_heads.py --checkpoint RUN/base/export --train DATA/train.jsonl \\
+        --heldout RUN/heldout_records.jsonl [--heads mlp,hazard] [--steps 4000] [--lr 2e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmtp_train.data.dataset import LazyJsonlDataset, collate
+from wmtp_train.eval.loading import load_for_evaluation
+from wmtp_train.eval.metrics import prefix_oracle_explained_variance, roc_auc
+from wmtp_train.model import ValueHead
+
+DIGITS = frozenset(range(ord("0"), ord("9") + 1))  # the byte tokenizer's ids of '0'..'9'
+
+
+class CachedStates:
+    """Trunk states [N, T, d] of the completion tokens (zero-padded), their mask [N, T] and rewards [N]."""
+
+    def __init__(self, model, tokenizer, path: str, limit: int | None, max_len: int):
+        dataset = LazyJsonlDataset(path, tokenizer, max_len)
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        self.samples = [dataset[i] for i in range(n)]
+        states = []
+        with torch.no_grad():
+            for start in range(0, n, 16):
+                batch = collate(self.samples[start : start + 16], tokenizer.pad_id)
+                hidden = model.trunk_forward(batch["input_ids"], batch["attention_mask"]).hidden.float()
+                for row, sample in enumerate(self.samples[start : start + 16]):
+                    states.append(hidden[row, sample.n_context : len(sample.input_ids)])
+        length = max(len(s) for s in states)
+        self.hidden = torch.zeros(n, length, states[0].shape[-1])
+        self.mask = torch.zeros(n, length, dtype=torch.bool)
+        for i, s in enumerate(states):
+            self.hidden[i, : len(s)], self.mask[i, : len(s)] = s, True
+        self.rewards = torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
+
+    def ceilings(self) -> dict[str, float]:
+        """The prefix-oracle ceiling, and the same with the completion's digits made one symbol."""
+        records = [(s.input_ids, s.n_context, s.reward) for s in self.samples]
+        blind = [
+            ([-1 if p >= c and t in DIGITS else t for p, t in enumerate(ids)], c, r) for ids, c, r in records
+        ]
+        return {
+            "ceiling": prefix_oracle_explained_variance(records),
+            "ceiling_digit_blind": prefix_oracle_explained_variance(blind),
+        }
+
+
+class HazardHead(nn.Module):
+    """``sigmoid(f(h_t)) * exp(-cumsum softplus(g(h_s)))``: f is a :class:`ValueHead` before its squash."""
+
+    def __init__(self, value_head: ValueHead):
+        super().__init__()
+        self.value = value_head
+        dim = value_head.norm.weight.shape[0]
+        self.hazard = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+        nn.init.zeros_(self.hazard[2].weight)
+        nn.init.constant_(self.hazard[2].bias, -6.0)  # softplus(-6) = 0.0025 per token at the start
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hazard = F.softplus(self.hazard(self.value.norm(hidden)).squeeze(-1)) * mask
+        return self.value(hidden).squeeze(-1) * torch.exp(-torch.cumsum(hazard, dim=1))
+
+
+class MLPHead(nn.Module):
+    """The project's value head as it is."""
+
+    def __init__(self, value_head: ValueHead):
+        super().__init__()
+        self.value = value_head
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.value(hidden).squeeze(-1)
+
+
+def report(head: nn.Module, data: CachedStates) -> dict[str, float]:
+    """Last-token AUC, and explained variance, corr2 and slope over the completion tokens."""
+    with torch.no_grad():
+        values = head(data.hidden, data.mask)
+    v = values[data.mask].double().numpy()
+    r = data.rewards[:, None].expand_as(values)[data.mask].double().numpy()
+    last = values[torch.arange(len(values)), data.mask.sum(1) - 1].tolist()
+    return {
+        "auc_last_value": roc_auc(last, (data.rewards > 0.5).tolist()),
+        "explained_variance": float(1 - np.var(r - v) / np.var(r)),
+        "corr2": float(np.corrcoef(v, r)[0, 1] ** 2),
+        "slope": float(np.cov(v, r)[0, 1] / np.var(v, ddof=1)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the trunk (and value-head shape) to probe")
+    p.add_argument("--train", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--train-records", type=int, default=None, help="first N training records (default all)")
+    p.add_argument("--max-len", type=int, default=384)
+    p.add_argument("--heads", default="mlp,hazard", help="comma-separated: checkpoint, mlp, hazard")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64, help="records per step, drawn uniformly")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--every", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    model, tokenizer, _ = load_for_evaluation(args.checkpoint)
+    train = CachedStates(model, tokenizer, args.train, args.train_records, args.max_len)
+    heldout = CachedStates(model, tokenizer, args.heldout, None, args.max_len)
+    print(json.dumps({"records": [len(train.rewards), len(heldout.rewards)], **heldout.ceilings()}))
+    print(f"trunk states cached in {time.monotonic() - start:.0f} s", flush=True)
+    for name in args.heads.split(","):
+        if name == "checkpoint":
+            row = {f"heldout_{k}": round(v, 4) for k, v in report(MLPHead(model.value_head), heldout).items()}
+            print(json.dumps({"head": name, **row}), flush=True)
+            continue
+        torch.manual_seed(0)
+        value_head = ValueHead(model.args)
+        value_head.init_weights()
+        head = {"mlp": MLPHead, "hazard": HazardHead}[name](value_head)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+        draws = torch.Generator().manual_seed(0)
+        start = time.monotonic()
+        for step in range(1, args.steps + 1):
+            idx = torch.randint(0, len(train.rewards), (args.batch,), generator=draws)
+            mask = train.mask[idx]
+            values = head(train.hidden[idx], mask)
+            loss = ((values - train.rewards[idx, None]) ** 2 * mask).sum() / mask.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % args.every == 0 or step == args.steps:
+                row = {"head": name, "step": step, "s": round(time.monotonic() - start)}
+                row |= {f"heldout_{k}": round(v, 4) for k, v in report(head, heldout).items()}
+                row |= {f"train_{k}": round(v, 4) for k, v in report(head, train).items()}
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
