@@ -106,8 +106,9 @@ def critic_report(
     for start in range(0, n, options.batch_size):
         batch = collate(samples[start : start + options.batch_size], tokenizer.pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        values = model.trunk_forward(ids, mask).values.squeeze(-1).float().cpu()
-        rewards, completion = batch["rewards"].float(), batch["loss_mask"].bool()
+        completion = batch["loss_mask"].to(device)
+        values = model.trunk_forward(ids, mask, completion).values.squeeze(-1).float().cpu()
+        rewards, completion = batch["rewards"].float(), completion.bool().cpu()
         mask = mask.cpu()
         last = last_token_index(mask)
         td = compute_td_errors(values, rewards, mask, weighting.gamma, weighting.terminal)

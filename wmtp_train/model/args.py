@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-VALUE_HEAD_KINDS = ("mlp", "linear")
+VALUE_HEAD_KINDS = ("mlp", "linear", "hazard")
 VALUE_OUTPUTS = ("sigmoid", "identity")
 
 
@@ -41,9 +41,11 @@ class ModelArgs:
     max_seq_len: int = 4096
     """Longest sequence accepted by the forward passes."""
     value_head: str = "mlp"
-    """``"mlp"`` (RMSNorm, Linear(d, d), SiLU, Linear(d, 1)) or ``"linear"`` (RMSNorm, Linear(d, 1)).
-    The MLP is the default: a critic of P(success) from a shared trunk benefits from a non-linearity
-    of its own, at a cost of d² + d parameters."""
+    """``"mlp"`` (RMSNorm, Linear(d, d), SiLU, Linear(d, 1)), ``"linear"`` (RMSNorm, Linear(d, 1)) or
+    ``"hazard"`` (the MLP's value times the survival of a second MLP's per-token hazards, accumulated over
+    the completion tokens so far: a token judged wrong lowers V at every later position; see
+    :class:`~wmtp_train.model.value_head.ValueHead`). The MLP is the default: a critic of P(success) from
+    a shared trunk benefits from a non-linearity of its own, at a cost of d² + d parameters."""
     value_output: str = "sigmoid"
     """``"sigmoid"`` squashes V to (0, 1), matching V ≈ P(success) with rewards in {0, 1};
     ``"identity"`` leaves V unbounded, for rewards outside [0, 1]."""
@@ -86,6 +88,11 @@ class ModelArgs:
         if self.value_output not in VALUE_OUTPUTS:
             raise ValueError(
                 f"ModelArgs.value_output must be one of {VALUE_OUTPUTS}, got {self.value_output!r}"
+            )
+        if self.value_head == "hazard" and self.value_output != "sigmoid":
+            raise ValueError(
+                "ModelArgs.value_head='hazard' needs value_output='sigmoid' (its survival factor scales a "
+                f"probability), got value_output={self.value_output!r}"
             )
 
     @property

@@ -111,6 +111,10 @@ class _CheckpointFiles:
         return ModelArgs.from_params_json(params, **overrides)
 
 
+def _value_head_options(args: ModelArgs) -> dict[str, str]:
+    return {"value_head": args.value_head, "value_output": args.value_output}
+
+
 def _read_checkpoint(directory: Path) -> _CheckpointFiles:
     params_path = directory / PARAMS_FILE
     if not params_path.is_file():
@@ -178,7 +182,7 @@ def load_meta_checkpoint(
     model.load_state_dict(by_name, strict=False, assign=True)
     model.value_head.to_empty(device=device)
     model.value_head.to(dtype)
-    if files.value_head is not None:
+    if files.value_head is not None and files.value_head["options"] == _value_head_options(args):
         model.value_head.load_state_dict(files.value_head["state_dict"])
     else:
         model.value_head.init_weights()
@@ -222,7 +226,7 @@ def export_meta_checkpoint(model: MTPTransformer, directory: str | os.PathLike) 
             value_state[name.removeprefix(_VALUE_PREFIX)] = tensor
         else:
             meta_state[meta_key(name)] = tensor
-    value_options = {"value_head": model.args.value_head, "value_output": model.args.value_output}
+    value_options = _value_head_options(model.args)
     params_text = json.dumps(model.args.to_params_json(), indent=2) + "\n"
 
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: torch.save(meta_state, tmp))

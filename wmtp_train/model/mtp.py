@@ -271,22 +271,34 @@ class MTPTransformer(nn.Module):
         return torch.stack([block(trunk, rotary, mask) for block in self.head_blocks[:n_heads]], dim=2)
 
     def trunk_forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        value_mask: torch.Tensor | None = None,
     ) -> TrunkOutput:
         """Trunk states and values, no head blocks, no vocabulary projection.
 
         Args:
             input_ids: [B, T] token ids.
             attention_mask: [B, T], 1 for real tokens (None: all real).
+            value_mask: [B, T], 1 at the completion tokens, whose hazards the ``"hazard"`` value head
+                accumulates (None: ``attention_mask``); the other value heads ignore it.
 
         Returns:
             :class:`TrunkOutput` with ``hidden`` [B, T, d] (raw) and ``values`` [B, T, 1].
         """
-        return self._trunk_and_values(input_ids, attention_mask)
+        return self._trunk_and_values(input_ids, attention_mask, value_mask)
 
-    def _trunk_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> TrunkOutput:
+    def _trunk_and_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, value_mask: torch.Tensor | None
+    ) -> TrunkOutput:
         hidden, _, _ = self._run_trunk(input_ids, attention_mask)
-        return TrunkOutput(hidden, self.value_head(hidden))
+        return TrunkOutput(hidden, self._values(hidden, attention_mask, value_mask))
+
+    def _values(
+        self, trunk: torch.Tensor, attention_mask: torch.Tensor | None, value_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.value_head(trunk, attention_mask if value_mask is None else value_mask)
 
     def full_forward(
         self,
@@ -294,6 +306,7 @@ class MTPTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         n_heads: int | None = None,
+        value_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """All heads: normed head states, values, and logits when asked.
 
@@ -303,6 +316,7 @@ class MTPTransformer(nn.Module):
             return_logits: also compute [B, T, H, V] float32 logits.
             n_heads: run only the first ``n_heads`` heads (e.g. 1 for next-token generation);
                 None runs all H.
+            value_mask: as in :meth:`trunk_forward`.
 
         Returns:
             :class:`ModelOutput` with ``hidden`` [B, T, H', d], ``values`` [B, T, 1], ``logits``.
@@ -311,7 +325,7 @@ class MTPTransformer(nn.Module):
         if not 1 <= n_heads <= self.n_future_tokens:
             raise ValueError(f"n_heads must be in [1, {self.n_future_tokens}], got {n_heads}")
         trunk, rotary, mask = self._run_trunk(input_ids, attention_mask)
-        values = self.value_head(trunk)
+        values = self._values(trunk, attention_mask, value_mask)
         head_out = self.head(self._run_heads(trunk, rotary, mask, n_heads), return_logits=return_logits)
         return ModelOutput(values=values, trunk=trunk, hidden=head_out.hidden, logits=head_out.logits)
 
@@ -325,6 +339,7 @@ class MTPTransformer(nn.Module):
         rewards: torch.Tensor | None = None,
         loss_options: LossOptions | None = None,
         trunk_only: bool = False,
+        value_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """One training pass: trunk -> values -> head blocks -> weighted MTP loss.
 
@@ -344,6 +359,7 @@ class MTPTransformer(nn.Module):
                 model this way rather than through :meth:`trunk_forward` so that every training step
                 enters the root module through ``__call__``, where module hooks (FSDP2's, memory
                 tracking's) see it.
+            value_mask: as in :meth:`trunk_forward` (the trainer passes its completion mask).
 
         Returns:
             :class:`ModelOutput` with ``loss``, ``values`` [B, T, 1] (with grad, for the value loss),
@@ -351,7 +367,7 @@ class MTPTransformer(nn.Module):
             ``trunk`` only with ``trunk_only``.
         """
         if trunk_only:
-            trunk, values = self._trunk_and_values(input_ids, attention_mask)
+            trunk, values = self._trunk_and_values(input_ids, attention_mask, value_mask)
             return ModelOutput(values=values, trunk=trunk)
         if weights is not None and rewards is not None:
             raise ValueError("pass either weights or rewards, not both")
@@ -361,7 +377,7 @@ class MTPTransformer(nn.Module):
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         trunk, rotary, mask = self._run_trunk(input_ids, attention_mask)
-        values = self.value_head(trunk)
+        values = self._values(trunk, attention_mask, value_mask)
         td_values = None
         if rewards is not None:
             td_values = values.detach()

@@ -40,7 +40,7 @@ def flops_per_token(args: ModelArgs, seq_len: int, stage: str, unfreeze_trunk: b
         raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
     d = args.dim
     block = 2 * block_matmul_params(args) + 4 * seq_len * d  # forward FLOPs of one block per token
-    value_head = 2 * (d * d + d) if args.value_head == "mlp" else 2 * d
+    value_head = {"mlp": 2 * (d * d + d), "hazard": 4 * (d * d + d), "linear": 2 * d}[args.value_head]
     if stage == "stage2":
         heads = args.n_future_tokens * (block + 2 * args.vocab_size * d)
         return 3 * (args.n_trunk_layers * block + heads + value_head)

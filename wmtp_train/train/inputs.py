@@ -51,11 +51,13 @@ class TrainingData:
             dataset: where the records come from (default: the training set).
 
         Returns:
-            :func:`~wmtp_train.data.dataset.collate`'s dict, tensors on the device.
+            :func:`~wmtp_train.data.dataset.collate`'s dict plus ``indices`` [B] (the record indices),
+            tensors on the device.
         """
         dataset = self.train if dataset is None else dataset
         samples = [dataset[int(i)] for i in indices]
         batch = collate(samples, self.tokenizer.pad_id, self.config.padding_side, IGNORE_INDEX)
+        batch["indices"] = torch.tensor([int(i) for i in indices], dtype=torch.int64)
         return {
             k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
         }

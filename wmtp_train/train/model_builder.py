@@ -47,7 +47,7 @@ class ModelBuilder:
 
     def _resolve_args(self, vocab_size: int) -> ModelArgs:
         cfg = self.config.model
-        overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
+        overrides = cfg.arg_overrides()
         if cfg.checkpoint_dir:
             args = checkpoint_args(cfg.checkpoint_dir, **overrides)
         else:
@@ -82,7 +82,10 @@ class ModelBuilder:
             torch.manual_seed(self.config.run.seed)
             if checkpoint_dir:
                 model, _ = load_meta_checkpoint(
-                    checkpoint_dir, device="cpu", max_seq_len=self.args.max_seq_len
+                    checkpoint_dir,
+                    device="cpu",
+                    max_seq_len=self.args.max_seq_len,
+                    value_head=self.args.value_head,
                 )
             else:
                 model = build_model(self.args, device="cpu")

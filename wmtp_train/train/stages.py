@@ -25,17 +25,21 @@ from wmtp_train.train.metrics import ReducedStep, StepStats, prediction_counts
 from wmtp_train.train.model_builder import ModelBuilder
 from wmtp_train.train.parallelize import full_tensor
 from wmtp_train.train.step import Counts, Stage, StageContext, StepResult
+from wmtp_train.train.trunk_cache import TrunkStateCache
 from wmtp_train.train.weighting import WEIGHTINGS, TokenWeighting
 
 
 class CriticStage(Stage):
     """Stage 1: regress the value head onto the reward over the completion tokens (the model's
     ``trunk_only`` pass: no head block, no unembedding), on a 50/50 correct / incorrect sampler. The
-    trunk is frozen unless ``stage1.unfreeze_trunk``."""
+    trunk is frozen unless ``stage1.unfreeze_trunk``; with ``stage1.cache_trunk_states`` its states are
+    computed once before the first step (:class:`~wmtp_train.train.trunk_cache.TrunkStateCache`) and the
+    steps run the value head alone."""
 
     name = "stage1"
     loss_key = "value_loss"
     trains_critic = True
+    trunk_states: TrunkStateCache | None = None
 
     @property
     def settings(self) -> Stage1Config:
@@ -70,19 +74,35 @@ class CriticStage(Stage):
         value_tokens, tokens = batch["loss_mask"].sum(), batch["attention_mask"].sum()
         return torch.stack([torch.zeros_like(tokens), value_tokens, tokens]).double().cpu()
 
+    def step(self, batches: list[dict[str, Any]]) -> StepResult:
+        """As :meth:`Stage.step`; with ``cache_trunk_states`` the first step builds the cache (collective)."""
+        if self.settings.cache_trunk_states and self.trunk_states is None:
+            if self.ctx.data is None:
+                raise ValueError("stage1.cache_trunk_states needs the run's data (StageContext.data)")
+            self.trunk_states = TrunkStateCache(self.ctx.model, self.ctx.data, self.settings.micro_batch_size)
+            self.ctx.print(
+                f"stage1: trunk states of {len(self.trunk_states.states)} records cached "
+                f"({self.trunk_states.nbytes / 2**20:.0f} MiB)"
+            )
+        return super().step(batches)
+
     def micro_batch_loss(self, batch: dict[str, Any], counts: Counts, stats: StepStats) -> torch.Tensor:
         """The value loss of the micro-batch's completion tokens over the step's value-token count."""
         cfg = self.settings
-        out = self.ctx.model(batch["input_ids"], batch["attention_mask"], trunk_only=True)
+        if self.trunk_states is not None:
+            hidden, completion = self.trunk_states.gather(batch["indices"])
+            values = self.ctx.model.value_head(hidden, completion)
+        else:
+            completion = batch["loss_mask"]
+            values = self.ctx.model(
+                batch["input_ids"], batch["attention_mask"], trunk_only=True, value_mask=completion
+            ).values
+        rewards = batch["rewards"]
         loss = value_loss(
-            out.values.float(),
-            batch["rewards"],
-            batch["loss_mask"],
-            loss_type=cfg.value_loss,
-            huber_delta=cfg.huber_delta,
+            values.float(), rewards, completion, loss_type=cfg.value_loss, huber_delta=cfg.huber_delta
         )
-        stats.add_critic(out.values, batch["rewards"], batch["loss_mask"])
-        return loss * batch["loss_mask"].sum() / counts.value_tokens.clamp(min=1).float()
+        stats.add_critic(values, rewards, completion)
+        return loss * completion.sum() / counts.value_tokens.clamp(min=1).float()
 
     def metrics(self, reduced: ReducedStep) -> dict[str, float]:
         """``value_loss``."""
@@ -164,6 +184,12 @@ class WeightedMTPStage(Stage):
             self._refresh_snapshot()
         return super().step(batches)
 
+    def old_values(self, trunk: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+        """V_old: the snapshot applied to the detached trunk states [B, T, d] (``completion``: the loss
+        mask, for the hazard head)."""
+        with torch.no_grad():
+            return self.value_snapshot(trunk.detach().float(), completion)
+
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
         """Valid predictions of all heads, completion tokens and real tokens."""
         predictions = prediction_counts(
@@ -186,12 +212,12 @@ class WeightedMTPStage(Stage):
             batch["labels"],
             **self.weighting.loss_inputs(model, batch),
             loss_options=options,
+            value_mask=batch["loss_mask"],
         )
         mtp = out.loss / counts.predictions.clamp(min=1).float()
         total, critic = mtp, torch.zeros((), device=mtp.device)
         if self.trains_critic:
-            with torch.no_grad():
-                old = self.value_snapshot(out.trunk.detach().float())
+            old = self.old_values(out.trunk, batch["loss_mask"])
             critic = value_loss(
                 out.values.float(),
                 batch["rewards"],

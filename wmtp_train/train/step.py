@@ -34,6 +34,7 @@ from wmtp_train.data.samplers import BalancedSampler, CurriculumSampler
 from wmtp_train.eval.metrics import explained_variance_from_moments
 from wmtp_train.model import ModelArgs, MTPTransformer
 from wmtp_train.train.checkpoint import FrozenBase, ModelOptimizerState
+from wmtp_train.train.inputs import TrainingData
 from wmtp_train.train.lr_schedule import warmup_cosine
 from wmtp_train.train.metrics import ReducedStep, RunningExplainedVariance, StepStats
 from wmtp_train.train.parallelize import DistInfo, all_reduce, full_tensor, refresh_trainable_parameters
@@ -79,6 +80,9 @@ class StageContext:
     args: ModelArgs
     info: DistInfo
     state: TrainerState
+    data: TrainingData | None = None
+    """The run's inputs (None where a stage is stepped on batches made elsewhere: the memory estimate,
+    benchmarks); ``stage1.cache_trunk_states`` needs them."""
 
     def print(self, text: str) -> None:
         """Print on rank 0 (flushed)."""

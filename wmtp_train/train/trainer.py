@@ -85,7 +85,7 @@ class Trainer:
         self.tracker = self._start_tracking()
 
     def _make_stages(self) -> dict[str, Stage]:
-        context = StageContext(self.config, self.model, self.builder.args, self.info, self.state)
+        context = StageContext(self.config, self.model, self.builder.args, self.info, self.state, self.data)
         return build_stages(context, self.builder)
 
     def _start_tracking(self) -> Tracker:
@@ -196,7 +196,9 @@ class Trainer:
         self.model.eval()
         for start in range(0, len(mine), size):
             batch = self.data.batch(mine[start : start + size], dataset)
-            values = self.model.trunk_forward(batch["input_ids"], batch["attention_mask"]).values
+            values = self.model.trunk_forward(
+                batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+            ).values
             moments += ev_moments(values, batch["rewards"], batch["loss_mask"]).cpu()
         self.model.train()
         ev = explained_variance_from_moments(all_reduce(moments, self.info.device))
