@@ -71,6 +71,10 @@ def test_overrides_and_recipes_are_checked():
         parse_override("finetune_tokens=many")
     with pytest.raises(ValueError, match="finetune_tokens"):
         Protocol(finetune_tokens=0)
+    with pytest.raises(ValueError, match="critic_value_head must be one of"):
+        Protocol(critic_value_head="hazzard")
+    with pytest.raises(ValueError, match="critic_sampler must be one of"):
+        Protocol(critic_sampler="balance")
     with pytest.raises(ValueError, match="non-empty subset"):
         check_recipes(["baseline", "sft"])
     assert check_recipes(["verifiable", "baseline", "verifiable"]) == ["verifiable", "baseline"]

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wmtp_train.config import STAGE1_SAMPLERS
 from wmtp_train.data.dataset import LazyJsonlDataset
 from wmtp_train.data.samplers import CurriculumSampler
 from wmtp_train.data.synthetic_build import SyntheticParams
+from wmtp_train.model.args import VALUE_HEAD_KINDS
 from wmtp_train.train.weighting import WEIGHTINGS
 
 RECIPE_WEIGHTING = {
@@ -52,10 +54,17 @@ class Protocol:
     """Sequences per optimizer step (pre-training, fine-tuning and the critic; one process)."""
     warmup_steps: int = 20
     """Linear warm-up steps of every run."""
-    critic_steps: int = 150
-    """Stage-1 (critic) steps of ``verifiable``, on the frozen base trunk (a cost reported apart)."""
+    critic_steps: int = 3000
+    """Stage-1 (critic) steps of ``verifiable``, on the frozen base trunk's cached states
+    (``stage1.cache_trunk_states``; a cost reported apart)."""
     critic_lr: float = 2e-3
     """Stage-1 learning rate."""
+    critic_micro_batch_size: int = 64
+    """Records per stage-1 step."""
+    critic_value_head: str = "hazard"
+    """The critic's value head kind (``model.value_head``), which ``verifiable``'s stage 2 inherits."""
+    critic_sampler: str = "uniform"
+    """``stage1.sampler``: ``uniform`` keeps the records' own success rate, which V then estimates."""
     greedy_problems: int | None = 150
     """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
     sampled_problems: int = 32
@@ -74,9 +83,19 @@ class Protocol:
         return SyntheticParams(problems=self.problems, split_fractions=self.split_fractions)
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_tokens", "finetune_tokens", "micro_batch_size", "critic_steps", "samples"):
+        for name in (
+            "pretrain_tokens",
+            "finetune_tokens",
+            "micro_batch_size",
+            "critic_steps",
+            "critic_micro_batch_size",
+            "samples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)}")
+        for name, choices in (("critic_value_head", VALUE_HEAD_KINDS), ("critic_sampler", STAGE1_SAMPLERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Protocol.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("greedy_problems", "critic_problems"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1 or None, got {getattr(self, name)}")
@@ -89,7 +108,7 @@ QUICK = dataclasses.replace(
     problems=2400,
     pretrain_tokens=300_000,
     finetune_tokens=80_000,
-    critic_steps=40,
+    critic_steps=300,
     greedy_problems=32,
     sampled_problems=8,
     critic_problems=32,

@@ -82,11 +82,14 @@ def stage2_overrides(protocol: Protocol, steps: int, lr: float) -> tuple[str, ..
 
 
 def critic_overrides(protocol: Protocol) -> tuple[str, ...]:
-    """Stage-1 settings of ``verifiable``'s critic."""
+    """Stage-1 settings of ``verifiable``'s critic (its value head kind included)."""
     return (
         "stage1.enabled=true",
+        "stage1.cache_trunk_states=true",
+        f"stage1.sampler={protocol.critic_sampler}",
+        f"model.value_head={protocol.critic_value_head}",
         f"stage1.steps={protocol.critic_steps}",
-        f"stage1.micro_batch_size={protocol.micro_batch_size}",
+        f"stage1.micro_batch_size={protocol.critic_micro_batch_size}",
         f"stage1.lr={protocol.critic_lr}",
         f"stage1.warmup_steps={min(10, protocol.critic_steps - 1)}",
     )
