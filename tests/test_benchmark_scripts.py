@@ -197,3 +197,17 @@ def test_critic_hazard_head_carries_a_wrong_token_to_every_later_token():
     )
     masked = torch.tensor([[True, True, False, True, True, True]])  # a position that does not count
     torch.testing.assert_close(head(hidden, masked), plain)
+
+
+def test_same_run_prints_each_setting_with_the_chunk_length_the_loop_uses(capsys):
+    from benchmarks.prototypes.same_run import main
+
+    # 1 x 16 x 2 rows: 15 + 14 = 29 valid; chunk_size 10 -> 3 chunks of 10, 20 -> 2 chunks of 15.
+    main(["--shape", "1,16,2,8,50", "--rounds", "2", "--impls", "", "--chunks", "10,20,default"])
+    cells = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    rows = {
+        c[1].strip(): c[2].strip()
+        for c in cells
+        if len(c) > 2 and c[1].strip() in ("floor", "ours", "ours@10", "ours@20")
+    }
+    assert rows == {"floor": "", "ours@10": "10", "ours@20": "15", "ours": "29"}
