@@ -4,6 +4,7 @@ The GPU check itself needs a CUDA device; here its dry run, its refusals of bad 
 one-line skip without CUDA are checked, and ``gpu_bench.py`` runs its whole pipeline with ``--device cpu``.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -178,18 +179,22 @@ def test_every_implementation_computes_the_reference_loss(impl):
 
 
 def test_critic_hazard_head_carries_a_wrong_token_to_every_later_token():
-    from benchmarks.prototypes.critic_heads import HazardHead
+    from benchmarks.prototypes.critic_heads import CachedHead
     from wmtp_train.model import PRESETS, ValueHead
 
-    value_head = ValueHead(PRESETS["micro"])
-    value_head.init_weights()
-    head = HazardHead(value_head)
+    args = PRESETS["micro"]
+    plain_head = ValueHead(args)
+    plain_head.init_weights()
+    hazard_head = ValueHead(dataclasses.replace(args, value_head="hazard"))
+    hazard_head.init_weights()
+    hazard_head.load_state_dict(plain_head.state_dict(), strict=False)
     logits = torch.full((1, 6, 1), -30.0)
     logits[0, 2] = 10.0  # token 2 looks wrong
-    head.hazard = torch.nn.Module()
-    head.hazard.forward = lambda x: logits
-    hidden = torch.randn(1, 6, value_head.norm.weight.shape[0])
-    plain = value_head(hidden).squeeze(-1)
+    hazard_head.hazard_proj = torch.nn.Module()
+    hazard_head.hazard_proj.forward = lambda x: logits
+    head = CachedHead(hazard_head)
+    hidden = torch.randn(1, 6, args.dim)
+    plain = CachedHead(plain_head)(hidden, torch.ones(1, 6, dtype=torch.bool))
     values = head(hidden, torch.ones(1, 6, dtype=torch.bool))
     torch.testing.assert_close(values[:, :2], plain[:, :2])
     torch.testing.assert_close(

@@ -18,7 +18,8 @@ Heads (the same :class:`~wmtp_train.model.ValueHead` input: the raw trunk state)
 - ``checkpoint``: the checkpoint's own trained value head, not fitted (e.g. a stage-1 run's, for its
   ``corr2``).
 - ``mlp``: the project's value head, ``V_t = sigmoid(f(h_t))``, as stage 1 trains it (fresh).
-- ``hazard``: ``V_t = sigmoid(f(h_t)) * exp(-sum_{s <= t} softplus(g(h_s)))`` over the completion tokens
+- ``hazard``: the library's ``model.value_head = "hazard"`` (docs/DESIGN.md, "Value loss and explained
+  variance"): ``V_t = sigmoid(f(h_t)) * exp(-sum_{s <= t} softplus(g(h_s)))`` over the completion tokens
   so far: a token the head finds wrong (``g`` large) lowers V at every later token. A mutant is wrong from
   its mutated token on, which a per-token head has to re-detect at each later position.
 
@@ -29,12 +30,12 @@ Heads (the same :class:`~wmtp_train.model.ValueHead` input: the raw trunk state)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wmtp_train.data.dataset import LazyJsonlDataset, collate
@@ -78,31 +79,15 @@ class CachedStates:
         }
 
 
-class HazardHead(nn.Module):
-    """``sigmoid(f(h_t)) * exp(-cumsum softplus(g(h_s)))``: f is a :class:`ValueHead` before its squash."""
-
-    def __init__(self, value_head: ValueHead):
-        super().__init__()
-        self.value = value_head
-        dim = value_head.norm.weight.shape[0]
-        self.hazard = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-        nn.init.zeros_(self.hazard[2].weight)
-        nn.init.constant_(self.hazard[2].bias, -6.0)  # softplus(-6) = 0.0025 per token at the start
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hazard = F.softplus(self.hazard(self.value.norm(hidden)).squeeze(-1)) * mask
-        return self.value(hidden).squeeze(-1) * torch.exp(-torch.cumsum(hazard, dim=1))
-
-
-class MLPHead(nn.Module):
-    """The project's value head as it is."""
+class CachedHead(nn.Module):
+    """A :class:`ValueHead` on cached states: ``(hidden [N, T, d], completion mask [N, T]) -> V [N, T]``."""
 
     def __init__(self, value_head: ValueHead):
         super().__init__()
         self.value = value_head
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.value(hidden).squeeze(-1)
+        return self.value(hidden, mask).squeeze(-1)
 
 
 def report(head: nn.Module, data: CachedStates) -> dict[str, float]:
@@ -143,13 +128,13 @@ def main() -> None:
     print(f"trunk states cached in {time.monotonic() - start:.0f} s", flush=True)
     for name in args.heads.split(","):
         if name == "checkpoint":
-            row = {f"heldout_{k}": round(v, 4) for k, v in report(MLPHead(model.value_head), heldout).items()}
+            scores = report(CachedHead(model.value_head), heldout)
+            row = {f"heldout_{k}": round(v, 4) for k, v in scores.items()}
             print(json.dumps({"head": name, **row}), flush=True)
             continue
         torch.manual_seed(0)
-        value_head = ValueHead(model.args)
-        value_head.init_weights()
-        head = {"mlp": MLPHead, "hazard": HazardHead}[name](value_head)
+        head = CachedHead(ValueHead(dataclasses.replace(model.args, value_head=name)))
+        head.value.init_weights()
         optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
         draws = torch.Generator().manual_seed(0)
         start = time.monotonic()
