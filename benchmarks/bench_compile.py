@@ -30,7 +30,7 @@ sys.path.append(ROOT)  # after PYTHONPATH, so that a --baseline worker imports t
 import torch  # noqa: E402
 
 from benchmarks.impls import CPU_SHAPES, make_case  # noqa: E402
-from benchmarks.measure import _reset_peak, _status_kib  # noqa: E402
+from benchmarks.measure import peak_bytes_of  # noqa: E402
 
 
 def make_step(mode: str, shape: tuple[int, ...], dtype: str, device: str):
@@ -61,16 +61,8 @@ def measure_memory(mode: str, shape: tuple[int, ...], dtype: str, device: str) -
     first = time.perf_counter() - start
     grad_bytes = sum(case[k].numel() * case[k].element_size() for k in ("hidden", "weight"))
     case["hidden"].grad = case["weight"].grad = None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        extra = torch.cuda.max_memory_allocated() - before - grad_bytes
-    else:
-        before = _status_kib("VmRSS") * 1024
-        _reset_peak()
-        step()
-        extra = _status_kib("VmHWM") * 1024 - before - grad_bytes
+    peak, _ = peak_bytes_of(step, device)
+    extra = peak - grad_bytes
     return {"mode": mode, "extra_bytes": extra, "first_step_s": first}
 
 

@@ -22,6 +22,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +44,23 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def peak_bytes_of(run: Callable[[], Any], device: str) -> tuple[int, Any]:
+    """Peak memory ``run()`` adds to what is allocated when it starts, and its result: peak RSS on the
+    CPU (``VmHWM`` reset to the current RSS first), ``max_memory_allocated`` on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, result
+    before = _status_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    result = run()
+    return _status_kib("VmHWM") * 1024 - before, result
+
+
 def extra_bytes_of_step(
     impl: str, case: dict, device: str, chunk_size: int | None
 ) -> tuple[int, float | None]:
@@ -51,20 +70,8 @@ def extra_bytes_of_step(
     )
     clear_grads(case)
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        loss = step(impl, case, chunk_size)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        before = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        loss = step(impl, case, chunk_size)
-        peak = _status_kib("VmHWM") * 1024
-    return peak - before - grad_bytes, None if loss is None else float(loss)
+    peak, loss = peak_bytes_of(lambda: step(impl, case, chunk_size), device)
+    return peak - grad_bytes, None if loss is None else float(loss)
 
 
 def measure(impl, shape, dtype, device, chunk_size=None, rounds=0) -> dict:

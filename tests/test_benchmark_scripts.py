@@ -125,6 +125,14 @@ def test_pareto_keeps_only_undominated_points():
 
 
 @pytest.mark.slow
+def test_every_benchmark_module_imports():
+    """What a user runs first, ``pytest benchmarks --benchmark-only``, collects every ``bench_*.py``: one
+    broken import there stops the whole run (as a stale helper name in ``bench_compile.py`` once did)."""
+    collect = [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(collect, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and "ERROR" not in result.stdout, result.stdout[-3000:]
+
+
 def test_pytest_benchmark_writes_results_only_when_asked(tmp_path):
     base = [sys.executable, "-m", "pytest", "benchmarks/bench_loss.py", "--benchmark-only", "-q",
             "-p", "no:cacheprovider", "--bench-shapes", "small", "--bench-rounds", "2",

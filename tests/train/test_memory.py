@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wmtp_kernels._linear_pass import default_chunk_rows
 from wmtp_train.config import load_recipe
 from wmtp_train.model import resolve_args
 from wmtp_train.train.memory import estimation_config, loss_workspace_bytes, synthetic_batch
@@ -89,6 +90,14 @@ def test_loss_workspace_follows_the_kernel_chunk_budget():
     assert loss_workspace_bytes(args, rows, torch.bfloat16, "cuda") == expected
     # fewer rows than a chunk: the chunk is the rows
     assert loss_workspace_bytes(args, 100, torch.float32, "cpu") == 100 * (32000 + 3 * 4096) * 4 + 100 * 80
+
+
+def test_cpu_default_chunk_is_the_byte_budget_but_never_under_192_rows():
+    # 64 MiB of float32 logits: 524 rows at V = 32000; at V = 128256 the budget's 130 rows are raised to
+    # the 192-row floor (smaller chunks make every GEMM of the CPU loop slower)
+    assert default_chunk_rows(32000, 4, "cpu") == 64 * 2**20 // (32000 * 4) == 524
+    assert default_chunk_rows(128256, 4, "cpu") == 192
+    assert default_chunk_rows(128256, 4, "mps") == 192  # other device types get the CPU's rule
 
 
 GPU_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_7b_step.py"
