@@ -124,7 +124,6 @@ def test_pareto_keeps_only_undominated_points():
     assert [p[2] for p in pareto(points)] == ["d", "b", "a"]
 
 
-@pytest.mark.slow
 def test_every_benchmark_module_imports():
     """What a user runs first, ``pytest benchmarks --benchmark-only``, collects every ``bench_*.py``: one
     broken import there stops the whole run (as a stale helper name in ``bench_compile.py`` once did)."""
@@ -133,6 +132,7 @@ def test_every_benchmark_module_imports():
     assert result.returncode == 0 and "ERROR" not in result.stdout, result.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_writes_results_only_when_asked(tmp_path):
     base = [sys.executable, "-m", "pytest", "benchmarks/bench_loss.py", "--benchmark-only", "-q",
             "-p", "no:cacheprovider", "--bench-shapes", "small", "--bench-rounds", "2",
