@@ -40,7 +40,7 @@ from wmtp_kernels._common import RowWeights, triton_chunk_fn
 # targets allow: at most 448 MiB of logits (under 0.5 GiB in all at V = 128256) and 3072 rows (under
 # 0.25 GiB at V = 32000). Measured in benchmarks/KERNEL_NOTES.md ("CUDA chunk length").
 # CPU: with fewer rows every GEMM of the loop loses efficiency (the whole [V, d] weight and its gradient
-# are streamed per chunk), so the budget never gives fewer than 192: at V = 128256 that is 84 MiB instead
+# are streamed per chunk), so the budget never gives fewer than 192: at V = 128256 that is 83 MiB instead
 # of 63, and 1.09x the floor instead of 1.20-1.26x; 256 rows gave 1.08x at 126 MiB in the same quiet runs
 # (benchmarks/KERNEL_NOTES.md, "The CPU path").
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 448 * 2**20}
