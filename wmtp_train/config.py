@@ -234,6 +234,9 @@ class Stage2Config:
     """V_old is a frozen copy of the value head refreshed every N optimizer steps."""
     loss_impl: str = "fused"
     """``fused`` (``wmtp_kernels.fused_weighted_mtp_loss``) or ``reference`` (plain PyTorch)."""
+    length_window: int = 0
+    """Length grouping: each window of N steps' samples sorted by length into batches, batch order
+    shuffled (``CurriculumSampler``; less padding); 0 = off."""
 
     def __post_init__(self) -> None:
         _positive("stage2", self, "steps", "micro_batch_size", "grad_accum", "lr", "huber_delta")
@@ -246,6 +249,7 @@ class Stage2Config:
             "max_grad_norm",
             "value_coef",
             "clip_range",
+            "length_window",
             allow_zero=True,
         )
         from wmtp_train.model.mtp import LOSS_IMPLEMENTATIONS

@@ -42,7 +42,7 @@ class Protocol:
     split_fractions: tuple[float, ...] = (0.7, 0.2, 0.05, 0.05)
     """Its split fractions (pretrain, train, held-out problems, held-out compositions): most problems go to
     the unlabelled pre-training split, which is what teaches the base model to write these functions."""
-    pretrain_tokens: int = 2_000_000
+    pretrain_tokens: int = 6_000_000
     """Plain-MTP tokens of the base model on the ``pretrain`` split."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the base model."""
@@ -54,6 +54,9 @@ class Protocol:
     """Sequences per optimizer step (pre-training, fine-tuning and the critic; one process)."""
     warmup_steps: int = 20
     """Linear warm-up steps of every run."""
+    length_window: int = 16
+    """``stage2.length_window`` of the base model and of every recipe: batches of records of similar
+    length (less padding; README "Does the weighting help?" has what it saves)."""
     critic_steps: int = 3000
     """Stage-1 (critic) steps of ``verifiable``, on the frozen base trunk's cached states
     (``stage1.cache_trunk_states``; a cost reported apart)."""

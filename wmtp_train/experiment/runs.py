@@ -78,6 +78,7 @@ def stage2_overrides(protocol: Protocol, steps: int, lr: float) -> tuple[str, ..
         "stage2.grad_accum=1",
         f"stage2.lr={lr}",
         f"stage2.warmup_steps={min(protocol.warmup_steps, max(steps - 1, 0))}",
+        f"stage2.length_window={protocol.length_window}",
     )
 
 

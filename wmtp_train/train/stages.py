@@ -164,14 +164,16 @@ class WeightedMTPStage(Stage):
         """A :class:`~wmtp_train.data.samplers.CurriculumSampler` over the recipe's records."""
         cfg, info = self.settings, self.ctx.info
         self.records = self.weighting.records(index)
-        difficulty = index.difficulty if self.records is None else index.difficulty[self.records]
+        records = slice(None) if self.records is None else self.records
         return CurriculumSampler(
-            difficulty,
+            index.difficulty[records],
             total_steps=cfg.steps,
             global_batch_size=cfg.micro_batch_size * cfg.grad_accum * info.world_size,
             seed=self.ctx.config.run.seed + 1,
             rank=info.rank,
             world_size=info.world_size,
+            lengths=index.lengths[records],  # record bytes: a proxy of the token count
+            length_window=cfg.length_window,
         )
 
     def _refresh_snapshot(self) -> None:
