@@ -106,10 +106,19 @@ def test_finished_pass_rolls_over_to_a_new_epoch():
     assert list(sampler) == first
 
 
-def test_curriculum_schedule_proportions():
+@pytest.mark.parametrize("length_window", [0, 5])
+def test_curriculum_schedule_proportions(length_window):
     difficulty = np.repeat(np.arange(1, 12), 20)
+    lengths = np.random.default_rng(0).integers(10, 500, size=len(difficulty))
     total_steps, gbs = 100, 40
-    sampler = CurriculumSampler(difficulty, total_steps=total_steps, global_batch_size=gbs, seed=2)
+    sampler = CurriculumSampler(
+        difficulty,
+        total_steps=total_steps,
+        global_batch_size=gbs,
+        seed=2,
+        lengths=lengths,
+        length_window=length_window,  # 5 steps: windows end on the phase boundaries (30, 70)
+    )
     drawn = np.array(list(sampler))
     assert len(drawn) == total_steps * gbs
     bucket = np.digitize(difficulty[drawn], [4, 8])  # 0 low, 1 medium, 2 high
@@ -134,9 +143,13 @@ def test_curriculum_renormalises_over_non_empty_buckets():
     assert (difficulty[drawn[:3000]] < 4).all()
 
 
-def test_curriculum_resume_and_sharding():
+@pytest.mark.parametrize("length_window", [0, 3])
+def test_curriculum_resume_and_sharding(length_window):
     difficulty = np.repeat(np.arange(1, 12), 5)
-    kwargs = dict(total_steps=20, global_batch_size=6, seed=4, world_size=3)
+    lengths = np.arange(len(difficulty))[::-1]
+    kwargs = dict(
+        total_steps=20, global_batch_size=6, seed=4, world_size=3, lengths=lengths, length_window=length_window
+    )
     full = [list(CurriculumSampler(difficulty, rank=r, **kwargs)) for r in range(3)]
     assert all(len(f) == 40 for f in full)
     sampler = CurriculumSampler(difficulty, rank=2, **kwargs)
@@ -144,6 +157,30 @@ def test_curriculum_resume_and_sharding():
     resumed = CurriculumSampler(difficulty, rank=2, **kwargs)
     resumed.load_state_dict(sampler.state_dict())
     assert head + list(resumed) == full[2]
+
+
+def padded_share(lengths, batches):
+    longest = lengths[batches].max(axis=-1, keepdims=True)
+    return 1 - lengths[batches].sum() / np.broadcast_to(longest, batches.shape).sum()
+
+
+def test_length_grouping_batches_records_of_similar_length_in_shuffled_order():
+    rng = np.random.default_rng(3)
+    difficulty, lengths = rng.integers(1, 12, size=500), rng.integers(20, 400, size=500)
+    window, gbs, steps = 8, 16, 64
+    common = dict(total_steps=steps, global_batch_size=gbs, seed=5)
+    grouped = CurriculumSampler(difficulty, lengths=lengths, length_window=window, **common)
+    drawn = np.array(list(grouped)).reshape(steps // window, window, gbs)
+    ascending_windows = 0
+    for batches in drawn:
+        by_shortest = sorted(batches, key=lambda b: lengths[b].min())
+        # Cut from one sorted list: no two batches of a window interleave in length.
+        for shorter, longer in zip(by_shortest, by_shortest[1:]):
+            assert lengths[shorter].max() <= lengths[longer].min()
+        ascending_windows += all((lengths[a].min() <= lengths[b].min()) for a, b in zip(batches, batches[1:]))
+    assert ascending_windows < len(drawn) / 2  # batch order shuffled, not short-to-long
+    plain = np.array(list(CurriculumSampler(difficulty, **common))).reshape(steps, gbs)
+    assert padded_share(lengths, drawn.reshape(steps, gbs)) < padded_share(lengths, plain) / 3
 
 
 @pytest.mark.parametrize(
@@ -165,6 +202,12 @@ def test_curriculum_rejects_bad_arguments():
         CurriculumSampler([1, 2], total_steps=10, global_batch_size=3, world_size=2)
     with pytest.raises(ValueError, match="total_steps"):
         CurriculumSampler([1, 2], total_steps=0, global_batch_size=2)
+    with pytest.raises(ValueError, match="length_window > 0 needs lengths"):
+        CurriculumSampler([1, 2], total_steps=2, global_batch_size=2, length_window=4)
+    with pytest.raises(ValueError, match="length_window must be >= 0"):
+        CurriculumSampler([1, 2], total_steps=2, global_batch_size=2, lengths=[3, 4], length_window=-1)
+    with pytest.raises(ValueError, match="lengths has 3 entries, expected 2"):
+        CurriculumSampler([1, 2], total_steps=2, global_batch_size=2, lengths=[3, 4, 5], length_window=1)
     with pytest.raises(ValueError, match="difficulty has 3 entries"):
         BalancedSampler([True, False], [1, 2, 3])
     with pytest.raises(TypeError, match="infinite"):
