@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
 
-    from wmtp_train.config import load_recipe
+    from wmtp_train.config_files import load_recipe
     from wmtp_train.data.tokenizer import load_tokenizer
     from wmtp_train.train.memory import synthetic_batch
     from wmtp_train.train.model_builder import ModelBuilder

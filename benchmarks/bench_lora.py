@@ -30,7 +30,7 @@ CONFIGS = ("full", "lora")
 
 def make_trainer(lora: bool, rank: int, steps: int, out: str):
     """A ``baseline`` trainer of ``steps`` stage-2 steps, with or without LoRA of rank ``rank``."""
-    from wmtp_train.config import load_recipe
+    from wmtp_train.config_files import load_recipe
     from wmtp_train.train.trainer import Trainer
 
     overrides = [

@@ -39,7 +39,7 @@ def main() -> int:
         print("gpu_7b_step: skipped (no CUDA device); run it on a GPU machine")
         return 0
 
-    from wmtp_train.config import load_recipe
+    from wmtp_train.config_files import load_recipe
     from wmtp_train.model.args import PRESETS
     from wmtp_train.train import memory
     from wmtp_train.train.parallelize import init_distributed

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", default=["none", "full"])
     args = parser.parse_args()
 
-    from wmtp_train.config import load_recipe
+    from wmtp_train.config_files import load_recipe
     from wmtp_train.model import resolve_args
     from wmtp_train.train.flops import flops_per_token
     from wmtp_train.train.memory import estimate_memory

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wmtp_train.config import RECIPES, TrainConfig, load_recipe
+from wmtp_train.config import RECIPES, TrainConfig
+from wmtp_train.config_files import load_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:

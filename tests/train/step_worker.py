@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.data.tokenizer import load_tokenizer
 from wmtp_train.train.memory import LossOpCounter, synthetic_batch
 from wmtp_train.train.model_builder import ModelBuilder

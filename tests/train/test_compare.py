@@ -5,7 +5,7 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 from test_evaluate import write_records
 
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.eval import compare
 from wmtp_train.eval.critic import CriticOptions, critic_report
 from wmtp_train.eval.loading import load_for_evaluation

@@ -1,7 +1,8 @@
 import pytest
 
 from wmtp_train.__main__ import build_parser, main, resolve_config
-from wmtp_train.config import RECIPES, TrainConfig, build_config, load_config_file, load_recipe
+from wmtp_train.config import RECIPES, TrainConfig
+from wmtp_train.config_files import build_config, load_config_file, load_recipe
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -148,7 +148,12 @@ def test_curriculum_resume_and_sharding(length_window):
     difficulty = np.repeat(np.arange(1, 12), 5)
     lengths = np.arange(len(difficulty))[::-1]
     kwargs = dict(
-        total_steps=20, global_batch_size=6, seed=4, world_size=3, lengths=lengths, length_window=length_window
+        total_steps=20,
+        global_batch_size=6,
+        seed=4,
+        world_size=3,
+        lengths=lengths,
+        length_window=length_window,
     )
     full = [list(CurriculumSampler(difficulty, rank=r, **kwargs)) for r in range(3)]
     assert all(len(f) == 40 for f in full)

@@ -7,7 +7,7 @@ import torch
 from decoding_models import single_thread, tiny_decoder
 
 from wmtp_kernels.reference import build_weights, compute_td_errors, explained_variance
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.data import dataset
 from wmtp_train.data.tokenizer import ByteTokenizer
 from wmtp_train.eval import critic, evaluate, humaneval, loading

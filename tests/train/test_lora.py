@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.model import (
     LoRAOptions,
     apply_lora,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wmtp_kernels._linear_pass import default_chunk_rows
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.model import resolve_args
 from wmtp_train.train.memory import estimation_config, loss_workspace_bytes, synthetic_batch
 from wmtp_train.train.metrics import prediction_counts

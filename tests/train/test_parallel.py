@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainer_utils import tiny_config, write_tiny_jsonl
 
-from wmtp_train.config import load_recipe
+from wmtp_train.config_files import load_recipe
 from wmtp_train.model import build_model
 from wmtp_train.train.memory import LossOpCounter
 from wmtp_train.train.parallelize import (

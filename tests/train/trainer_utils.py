@@ -6,7 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from wmtp_train.config import TrainConfig, load_recipe
+from wmtp_train.config import TrainConfig
+from wmtp_train.config_files import load_recipe
 
 
 def write_tiny_jsonl(path: Path, n: int = 48, seed: int = 0) -> Path:

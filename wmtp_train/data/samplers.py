@@ -3,9 +3,10 @@
 Both samplers define one *global stream* of dataset indices from ``seed`` (and ``epoch``), identical on
 every rank. Global position ``p`` goes to rank ``p % world_size`` (``DistributedSampler`` style), so with a
 per-rank batch ``B`` each global batch of ``B * world_size`` consecutive positions is split into disjoint
-per-rank slices. The stream is drawn in blocks of :data:`BLOCK` positions, each from its own generator
+per-rank slices. The stream is drawn in blocks of :data:`BLOCK` positions (with length grouping, a
+multiple of the grouping window near it), each from its own generator
 ``numpy.random.default_rng([seed, epoch, block])``, so any position is reachable without replaying the
-stream (blocks are :data:`BLOCK` positions, or a multiple of the length-grouping window that is near it). Indices are drawn with replacement: positions never overlap across ranks, though the same record
+stream. Indices are drawn with replacement: positions never overlap across ranks, though the same record
 may be drawn twice.
 
 Resume: ``state_dict()`` holds the global position of the next sample (``start + yielded * world_size``,

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from wmtp_train.config import RUN_CONFIG_FILE, TrainConfig, load_config_file
+from wmtp_train.config import RUN_CONFIG_FILE, TrainConfig
+from wmtp_train.config_files import load_config_file
 from wmtp_train.data.tokenizer import load_tokenizer
 from wmtp_train.model import MTPTransformer, load_meta_checkpoint
 from wmtp_train.model.meta_checkpoint import PARAMS_FILE
