@@ -82,6 +82,17 @@ def test_stage1_sampler_setting_picks_the_stage1_sampler(sampler, data, tmp_path
     assert type(picked) is {"balanced": BalancedSampler, "uniform": UniformSampler}[sampler]
 
 
+def test_stage2_length_window_groups_the_stage2_batches_by_length(data, tmp_path):
+    cfg = tiny_config("baseline", tmp_path / "run", data, **{"stage2.steps": 8, "stage2.length_window": 4})
+    trainer = Trainer(cfg)
+    index = trainer.data.train.index
+    sampler = trainer.stages["stage2"].make_sampler(index)
+    lengths = index.lengths[np.array(list(sampler)).reshape(2, 4, sampler.global_batch_size)]
+    for window in lengths:  # two windows of four steps: batches cut from one length-sorted list
+        spans = sorted((batch.min(), batch.max()) for batch in window)
+        assert all(shorter[1] <= longer[0] for shorter, longer in zip(spans, spans[1:])), spans
+
+
 def test_stage1_critic_learns_a_learnable_reward(data, tmp_path):
     # In the tiny data the reward is decided by one completion token ("+" or "*"), so a critic that
     # trains on the right target explains most of the reward variance over the completion tokens.
