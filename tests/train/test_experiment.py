@@ -261,6 +261,26 @@ def test_tasks_run_after_their_dependencies_and_failures_surface():
     assert ("start", "y") not in events[10:]
 
 
+def test_every_seeds_base_starts_before_any_recipe(tmp_path):
+    """Three seeds on two jobs: the third base starts before the first two seeds' recipes, not after them."""
+    import dataclasses
+
+    from wmtp_train.experiment.driver import bases_first, run_tasks, seed_tasks
+
+    steps = {"base": 1, "recipes": {"baseline": 1, "verifiable": 1}}
+    tasks = [
+        task
+        for seed in range(3)
+        for task in seed_tasks(seed, ["baseline", "verifiable"], QUICK, tmp_path, tmp_path, steps, 1, {})
+    ]
+    ordered = bases_first(tasks)
+    assert [t.name for t in ordered[:3]] == ["seed0/base", "seed1/base", "seed2/base"]
+    assert [t.name for t in ordered[3:]] == [t.name for t in tasks if not t.name.endswith("/base")]
+    starts = []
+    run_tasks([dataclasses.replace(t, work=lambda name=t.name: starts.append(name)) for t in ordered], jobs=2)
+    assert starts[:3] == ["seed0/base", "seed1/base", "seed2/base"] and len(starts) == len(tasks)
+
+
 def test_skeleton_ignores_literals_only(built, tmp_path):
     from wmtp_train.data.synthetic_build import load_split_problems
     from wmtp_train.experiment.measure import code_skeleton, skeleton_rates

@@ -119,6 +119,12 @@ def run_tasks(tasks: Sequence[Task], jobs: int) -> None:
                 done.add(running.pop(future))
 
 
+def bases_first(tasks: Sequence[Task]) -> list[Task]:
+    """``tasks`` with every seed's base model first (order otherwise kept): the bases are the longest
+    phases and everything else waits on one, so a base started last would run alone at the end."""
+    return sorted(tasks, key=lambda task: not task.name.endswith("/base"))
+
+
 def seed_tasks(
     seed: int,
     recipes: Sequence[str],
@@ -233,7 +239,7 @@ def run_experiment(
         for seed in seeds
         for task in seed_tasks(seed, recipes, protocol, data_dir, out, steps, threads, runs[f"seed{seed}"])
     ]
-    run_tasks(tasks, jobs)
+    run_tasks(bases_first(tasks), jobs)
     order = ["base", "critic", *recipes]
     runs = {seed: {name: found[name] for name in order if name in found} for seed, found in runs.items()}
     results = {
