@@ -13,8 +13,8 @@ from wmtp_train.data.dataset import LazyJsonlDataset
 from wmtp_train.data.synthetic import HELDOUT_SPLITS
 from wmtp_train.data.synthetic_build import records_path
 from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.experiment.__main__ import build_parser, parse_override
 from wmtp_train.experiment.__main__ import main as experiment_main
-from wmtp_train.experiment.__main__ import parse_override
 from wmtp_train.experiment.driver import MAX_LEN, plan_steps
 from wmtp_train.experiment.protocol import QUICK, Protocol, check_recipes, expected_tokens_per_sample
 from wmtp_train.experiment.report import (
@@ -78,6 +78,8 @@ def test_overrides_and_recipes_are_checked():
     with pytest.raises(ValueError, match="non-empty subset"):
         check_recipes(["baseline", "sft"])
     assert check_recipes(["verifiable", "baseline", "verifiable"]) == ["verifiable", "baseline"]
+    default = build_parser().parse_args(["--out", "x"]).recipes.split(",")
+    assert check_recipes(default) == ["baseline", "correct_only", "verifiable"]
     assert experiment_main(["--out", "/nonexistent/x", "--recipes", "nope"]) == 2
 
 

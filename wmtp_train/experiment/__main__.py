@@ -2,6 +2,7 @@
 
 Examples::
 
+    python -m wmtp_train.experiment --out runs/exp      # baseline, correct_only, verifiable; 3 seeds
     python -m wmtp_train.experiment --recipes baseline,correct_only,verifiable,rho1_weighted \
         --seeds 3 --out runs/exp
     python -m wmtp_train.experiment --quick --out runs/exp_quick
@@ -19,7 +20,7 @@ from typing import Any
 
 from wmtp_train.experiment.driver import run_experiment
 from wmtp_train.experiment.measure import add_greedy_details
-from wmtp_train.experiment.protocol import DEFAULT, QUICK, RECIPE_WEIGHTING, Protocol
+from wmtp_train.experiment.protocol import DEFAULT, DEFAULT_RECIPES, QUICK, Protocol
 from wmtp_train.experiment.report import write_report
 
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m wmtp_train.experiment", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--recipes", default=",".join(RECIPE_WEIGHTING), help="comma-separated recipes")
+    recipes = ",".join(DEFAULT_RECIPES)
+    parser.add_argument("--recipes", default=recipes, help=f"comma-separated (default {recipes})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, --quick 1)")
     parser.add_argument("--out", required=True, help="output directory (an interrupted run continues)")
     parser.add_argument("--quick", action="store_true", help="one seed, smaller budgets and evaluation sets")
