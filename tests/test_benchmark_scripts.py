@@ -201,15 +201,33 @@ def test_critic_hazard_head_carries_a_wrong_token_to_every_later_token():
     hazard_head.hazard_proj = torch.nn.Module()
     hazard_head.hazard_proj.forward = lambda x: logits
     head = CachedHead(hazard_head)
-    hidden = torch.randn(1, 6, args.dim)
-    plain = CachedHead(plain_head)(hidden, torch.ones(1, 6, dtype=torch.bool))
-    values = head(hidden, torch.ones(1, 6, dtype=torch.bool))
+    hidden, ids = torch.randn(1, 6, args.dim), torch.zeros(1, 6, dtype=torch.long)
+    plain = CachedHead(plain_head)(hidden, ids, torch.ones(1, 6, dtype=torch.bool))
+    values = head(hidden, ids, torch.ones(1, 6, dtype=torch.bool))
     torch.testing.assert_close(values[:, :2], plain[:, :2])
     torch.testing.assert_close(
         values[:, 2:], plain[:, 2:] * torch.exp(torch.tensor(-10.0)), rtol=1e-3, atol=0
     )
     masked = torch.tensor([[True, True, False, True, True, True]])  # a position that does not count
-    torch.testing.assert_close(head(hidden, masked), plain)
+    torch.testing.assert_close(head(hidden, ids, masked), plain)
+
+
+def test_critic_attention_head_reads_the_prompt_and_not_the_future():
+    from benchmarks.prototypes.critic_heads import AttentionHazardHead
+    from wmtp_train.model import PRESETS
+
+    torch.manual_seed(0)
+    head = AttentionHazardHead(PRESETS["micro"])
+    torch.nn.init.normal_(head.value.proj.weight)  # a value that depends on its input
+    hidden, ids = torch.randn(1, 8, PRESETS["micro"].dim), torch.randint(0, 256, (1, 8))
+    mask = torch.tensor([[False] * 4 + [True] * 4])  # prompt 0-3, completion 4-7
+    values = head(hidden, ids, mask)
+    later = ids.clone()
+    later[0, 6] = (later[0, 6] + 1) % 256
+    torch.testing.assert_close(head(hidden, later, mask)[:, :6], values[:, :6])
+    prompt = ids.clone()
+    prompt[0, 1] = (prompt[0, 1] + 1) % 256
+    assert not torch.allclose(head(hidden, prompt, mask)[:, 4:], values[:, 4:])
 
 
 def test_same_run_prints_each_setting_with_the_chunk_length_the_loop_uses(capsys):
