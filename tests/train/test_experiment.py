@@ -176,9 +176,9 @@ def test_quick_protocol_end_to_end(tmp_path):
     """``--quick`` (one seed): every recipe trains from the same base on the same token budget, the data
     order is shared, every figure the report shows is a measured one, and the critic figures are sane."""
     out = tmp_path / "exp"
-    assert experiment_main(["--quick", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
     recipes = ["baseline", "correct_only", "verifiable", "rho1_weighted"]
+    assert experiment_main(["--quick", "--recipes", ",".join(recipes), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
     assert results["recipes"] == recipes and results["seeds"] == [0]
     seed = results["runs"]["seed0"]
     budget = QUICK.finetune_tokens
