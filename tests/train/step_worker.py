@@ -70,6 +70,7 @@ def main():
     results = {variant: one_step(recipe, variant, info) for variant in variants}
     if info.is_main:
         torch.save(results, out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
