@@ -19,6 +19,7 @@ RUN_CONFIG_FILE = "config.toml"
 RECIPES = tuple(sorted(path.stem for path in RECIPE_DIR.glob("*.toml")))
 """The shipped recipes: one TOML file each in ``wmtp_train/recipes/``."""
 VALUE_LOSSES = ("mse", "huber")
+MIXED_PRECISION_SETTINGS = ("auto", "bf16", "none")
 STAGE1_SAMPLERS = ("balanced", "uniform")
 RHO1_SCORES = ("mean_heads", "next_token")
 ACTIVATION_CHECKPOINT_MODES = ("none", "full", "selective")
@@ -134,7 +135,7 @@ class ParallelConfig:
     """``torch.compile`` each transformer block's forward (fullgraph; the first steps pay the compilation)."""
 
     def __post_init__(self) -> None:
-        _choice("parallel", "mixed_precision", self.mixed_precision, ("auto", "bf16", "none"))
+        _choice("parallel", "mixed_precision", self.mixed_precision, MIXED_PRECISION_SETTINGS)
         _choice("parallel", "activation_checkpoint", self.activation_checkpoint, ACTIVATION_CHECKPOINT_MODES)
 
 

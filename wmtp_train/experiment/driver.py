@@ -139,7 +139,7 @@ def seed_tasks(
     each trains and then evaluates its model, filling ``results[run name]`` with ``train``, ``eval``,
     ``train_wall_s`` and ``eval_wall_s``."""
     root = out / f"seed{seed}"
-    common = common_overrides(seed, threads)
+    common = common_overrides(seed, threads, protocol.mixed_precision)
     pretrain, train_data = records_path(data_dir, "pretrain"), records_path(data_dir, "train")
     critic_data = out / "heldout_records.jsonl"
 

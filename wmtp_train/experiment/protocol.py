@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wmtp_train.config import STAGE1_SAMPLERS
+from wmtp_train.config import MIXED_PRECISION_SETTINGS, STAGE1_SAMPLERS
 from wmtp_train.data.dataset import LazyJsonlDataset
 from wmtp_train.data.samplers import CurriculumSampler
 from wmtp_train.data.synthetic_build import SyntheticParams
@@ -48,7 +48,7 @@ class Protocol:
     split_fractions: tuple[float, ...] = (0.7, 0.2, 0.05, 0.05)
     """Its split fractions (pretrain, train, held-out problems, held-out compositions): most problems go to
     the unlabelled pre-training split, which is what teaches the base model to write these functions."""
-    pretrain_tokens: int = 6_000_000
+    pretrain_tokens: int = 5_000_000
     """Plain-MTP tokens of the base model on the ``pretrain`` split."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the base model."""
@@ -74,6 +74,10 @@ class Protocol:
     """The critic's value head kind (``model.value_head``), which ``verifiable``'s stage 2 inherits."""
     critic_sampler: str = "uniform"
     """``stage1.sampler``: ``uniform`` keeps the records' own success rate, which V then estimates."""
+    mixed_precision: str = "bf16"
+    """``parallel.mixed_precision`` of every training run: bf16 matmuls with fp32 master weights and
+    gradient reduction (on this CPU's AVX-512 BF16: base steps ~8 % and critic steps ~30 % faster, losses
+    equal to fp32's to 2-3 digits over the first 150-300 steps); ``none`` for full fp32."""
     greedy_problems: int | None = 150
     """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
     sampled_problems: int = 32
@@ -102,7 +106,11 @@ class Protocol:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)}")
-        for name, choices in (("critic_value_head", VALUE_HEAD_KINDS), ("critic_sampler", STAGE1_SAMPLERS)):
+        for name, choices in (
+            ("critic_value_head", VALUE_HEAD_KINDS),
+            ("critic_sampler", STAGE1_SAMPLERS),
+            ("mixed_precision", MIXED_PRECISION_SETTINGS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Protocol.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("greedy_problems", "critic_problems"):

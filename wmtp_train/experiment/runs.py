@@ -57,11 +57,12 @@ class TrainerRun:
         return cmd
 
 
-def common_overrides(seed: int, threads: int) -> tuple[str, ...]:
-    """Settings every run of a comparison shares: seed, threads, no MLflow, one final checkpoint."""
+def common_overrides(seed: int, threads: int, mixed_precision: str) -> tuple[str, ...]:
+    """Settings every run of a comparison shares: seed, threads, precision, no MLflow, one final checkpoint."""
     return (
         f"run.seed={seed}",
         f"run.threads={threads}",
+        f"parallel.mixed_precision={mixed_precision}",
         "run.log_every=25",
         "tracking.enabled=false",
         "checkpoint.every=0",
