@@ -75,6 +75,8 @@ def test_overrides_and_recipes_are_checked():
         Protocol(critic_value_head="hazzard")
     with pytest.raises(ValueError, match="critic_sampler must be one of"):
         Protocol(critic_sampler="balance")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        Protocol(mixed_precision="fp16")
     with pytest.raises(ValueError, match="non-empty subset"):
         check_recipes(["baseline", "sft"])
     assert check_recipes(["verifiable", "baseline", "verifiable"]) == ["verifiable", "baseline"]
@@ -281,6 +283,32 @@ def test_every_seeds_base_starts_before_any_recipe(tmp_path):
     starts = []
     run_tasks([dataclasses.replace(t, work=lambda name=t.name: starts.append(name)) for t in ordered], jobs=2)
     assert starts[:3] == ["seed0/base", "seed1/base", "seed2/base"] and len(starts) == len(tasks)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "none"])
+def test_every_training_run_gets_the_protocols_precision(precision, tmp_path, monkeypatch):
+    import dataclasses
+
+    from wmtp_train.experiment import driver
+
+    commands = []
+
+    def record(run, preset):
+        commands.append(run.command(preset))
+        raise InterruptedError  # stop each phase before its evaluation
+
+    monkeypatch.setattr(driver, "train", record)
+    protocol = dataclasses.replace(QUICK, mixed_precision=precision)
+    steps = {"base": 1, "recipes": {"baseline": 1, "verifiable": 1}}
+    for task in driver.seed_tasks(0, ["baseline", "verifiable"], protocol, tmp_path, tmp_path, steps, 1, {}):
+        with pytest.raises(InterruptedError):
+            task.work()
+    assert len(commands) == 4  # base, baseline, critic, verifiable
+    for command in commands:
+        settings = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+        assert [s for s in settings if s.startswith("parallel.mixed_precision=")] == [
+            f"parallel.mixed_precision={precision}"
+        ]
 
 
 def test_skeleton_ignores_literals_only(built, tmp_path):
