@@ -58,7 +58,7 @@ class TrainerRun:
 
 
 def common_overrides(seed: int, threads: int, mixed_precision: str) -> tuple[str, ...]:
-    """Settings every run of a comparison shares: seed, threads, precision, no MLflow, one final checkpoint."""
+    """Settings every run of a comparison shares: seed, threads, precision, no MLflow, one checkpoint."""
     return (
         f"run.seed={seed}",
         f"run.threads={threads}",
