@@ -33,8 +33,8 @@ RECIPE_WEIGHTING = {
 DEFAULT_RECIPES = ("baseline", "correct_only", "verifiable")
 """The recipes compared when none are named: the question (``verifiable``) against uniform training and
 filtered fine-tuning. ``rho1_weighted`` is opt-in (``--recipes``): its reference-model forward makes it the
-slowest recipe, and the default protocol already takes over an hour here (README "Does the weighting
-help?")."""
+slowest recipe, and the default protocol already takes about 52 of its 60 minutes here (README "Does the
+weighting help?")."""
 
 
 @dataclass(frozen=True)
