@@ -1,6 +1,7 @@
 """The recipe comparison (``python -m wmtp_train.experiment``): token budgets, the report's statistics, and
 (slow) the whole ``--quick`` protocol end to end."""
 
+import dataclasses
 import json
 import math
 import struct
@@ -267,8 +268,6 @@ def test_tasks_run_after_their_dependencies_and_failures_surface():
 
 def test_every_seeds_base_starts_before_any_recipe(tmp_path):
     """Three seeds on two jobs: the third base starts before the first two seeds' recipes, not after them."""
-    import dataclasses
-
     from wmtp_train.experiment.driver import bases_first, run_tasks, seed_tasks
 
     steps = {"base": 1, "recipes": {"baseline": 1, "verifiable": 1}}
@@ -287,8 +286,6 @@ def test_every_seeds_base_starts_before_any_recipe(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "none"])
 def test_every_training_run_gets_the_protocols_precision(precision, tmp_path, monkeypatch):
-    import dataclasses
-
     from wmtp_train.experiment import driver
 
     commands = []
