@@ -183,12 +183,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
+        if x.device.type == "cpu":
+            # The CPU flash-attention kernel is 1.2-2.3x slower in bf16 than in fp32 at head_dim 32 (T 384-64,
+            # fwd + bwd: benchmarks/bench_attention_cpu.py), so on the CPU attention runs in fp32.
+            q, k, v = q.float(), k.float(), v.float()
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
         )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
 class FeedForward(nn.Module):
