@@ -33,7 +33,7 @@ RECIPE_WEIGHTING = {
 DEFAULT_RECIPES = ("baseline", "correct_only", "verifiable")
 """The recipes compared when none are named: the question (``verifiable``) against uniform training and
 filtered fine-tuning. ``rho1_weighted`` is opt-in (``--recipes``): its reference-model forward makes it the
-slowest recipe, and the default protocol already takes 65 minutes here (README "Does the weighting
+slowest recipe, and the default protocol already takes 52 minutes here (README "Does the weighting
 help?")."""
 
 
@@ -50,8 +50,9 @@ class Protocol:
     the unlabelled pre-training split, which is what teaches the base model to write these functions."""
     pretrain_tokens: int = 6_000_000
     """Plain-MTP tokens of the base model on the ``pretrain`` split. 5 M tokens leave 4 of 5 seeds' bases
-    at the floor (greedy pass@1 under 0.08, in fp32 and in bf16 alike) where 6 M let most of them copy the
-    docstring's constants (README "Does the weighting help?")."""
+    at the floor (greedy pass@1 under 0.08, in fp32 and in bf16 alike); at 6 M, 1 or 2 of 3 seeds' bases
+    learn to copy the docstring's constants, depending on small numerical differences (README "Does the
+    weighting help?")."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the base model."""
     finetune_tokens: int = 600_000
@@ -78,9 +79,9 @@ class Protocol:
     """``stage1.sampler``: ``uniform`` keeps the records' own success rate, which V then estimates."""
     mixed_precision: str = "bf16"
     """``parallel.mixed_precision`` of every training run: bf16 parameters in forward and backward, fp32
-    master weights and gradient reduction; ``none`` for full fp32. On this CPU (AVX-512 BF16) it makes the
-    critic's steps ~25 % faster and gives the base model the same losses and held-out pass@1 as fp32, in
-    about the same time (README "Does the weighting help?", "bf16")."""
+    master weights and gradient reduction, attention in fp32 on the CPU; ``none`` for full fp32. On this
+    CPU (AVX-512 BF16) a 6 M-token base trains in 21 min, against 26 with bf16 attention (README "Does
+    the weighting help?", "bf16")."""
     greedy_problems: int | None = 150
     """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
     sampled_problems: int = 32
