@@ -50,14 +50,16 @@ def test_expected_tokens_follow_the_records_each_recipe_draws(built):
 
 
 def test_every_recipe_gets_the_same_token_budget(built):
-    protocol = Protocol(finetune_tokens=50_000, pretrain_tokens=80_000, micro_batch_size=4)
+    protocol = Protocol(
+        finetune_tokens=50_000, pretrain_tokens=80_000, micro_batch_size=4, pretrain_micro_batch_size=2
+    )
     recipes = ["baseline", "correct_only", "verifiable", "rho1_weighted"]
     steps = plan_steps(built, protocol, recipes)
     per_sample = steps["tokens_per_sample"]
     for recipe in recipes:
         spent = steps["recipes"][recipe] * protocol.micro_batch_size * per_sample[recipe]
         assert spent == pytest.approx(protocol.finetune_tokens, rel=0.05), recipe
-    assert steps["base"] * 4 * per_sample["base"] == pytest.approx(80_000, rel=0.05)
+    assert steps["base"] * 2 * per_sample["base"] == pytest.approx(80_000, rel=0.05)
     # Recipes that sample every record draw the same batches: same number of steps.
     assert len({steps["recipes"][r] for r in ("baseline", "verifiable", "rho1_weighted")}) == 1
 
@@ -284,8 +286,8 @@ def test_every_seeds_base_starts_before_any_recipe(tmp_path):
     assert starts[:3] == ["seed0/base", "seed1/base", "seed2/base"] and len(starts) == len(tasks)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "none"])
-def test_every_training_run_gets_the_protocols_precision(precision, tmp_path, monkeypatch):
+def trainer_settings(protocol, tmp_path, monkeypatch):
+    """The ``--set`` values of seed 0's base, baseline, critic and verifiable trainer commands."""
     from wmtp_train.experiment import driver
 
     commands = []
@@ -295,17 +297,28 @@ def test_every_training_run_gets_the_protocols_precision(precision, tmp_path, mo
         raise InterruptedError  # stop each phase before its evaluation
 
     monkeypatch.setattr(driver, "train", record)
-    protocol = dataclasses.replace(QUICK, mixed_precision=precision)
     steps = {"base": 1, "recipes": {"baseline": 1, "verifiable": 1}}
     for task in driver.seed_tasks(0, ["baseline", "verifiable"], protocol, tmp_path, tmp_path, steps, 1, {}):
         with pytest.raises(InterruptedError):
             task.work()
-    assert len(commands) == 4  # base, baseline, critic, verifiable
-    for command in commands:
-        settings = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    assert len(commands) == 4
+    return [[command[i + 1] for i, arg in enumerate(command) if arg == "--set"] for command in commands]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "none"])
+def test_every_training_run_gets_the_protocols_precision(precision, tmp_path, monkeypatch):
+    protocol = dataclasses.replace(QUICK, mixed_precision=precision)
+    for settings in trainer_settings(protocol, tmp_path, monkeypatch):
         assert [s for s in settings if s.startswith("parallel.mixed_precision=")] == [
             f"parallel.mixed_precision={precision}"
         ]
+
+
+def test_the_base_trains_with_its_own_batch_size(tmp_path, monkeypatch):
+    protocol = dataclasses.replace(QUICK, pretrain_micro_batch_size=3, micro_batch_size=5)
+    base, baseline, critic, verifiable = trainer_settings(protocol, tmp_path, monkeypatch)
+    for settings, batches in ((base, ["3"]), (baseline, ["5"]), (critic, []), (verifiable, ["5"])):
+        assert [s.split("=")[1] for s in settings if s.startswith("stage2.micro_batch_size=")] == batches
 
 
 def test_skeleton_ignores_literals_only(built, tmp_path):

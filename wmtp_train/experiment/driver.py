@@ -82,7 +82,7 @@ def plan_steps(data_dir: Path, protocol: Protocol, recipes: Sequence[str]) -> di
     per_sample |= {r: expected_tokens_per_sample(train_set, RECIPE_WEIGHTING[r]) for r in recipes}
     batch = protocol.micro_batch_size
     return {
-        "base": steps_for(protocol.pretrain_tokens, batch, per_sample["base"]),
+        "base": steps_for(protocol.pretrain_tokens, protocol.pretrain_micro_batch_size, per_sample["base"]),
         "recipes": {r: steps_for(protocol.finetune_tokens, batch, per_sample[r]) for r in recipes},
         "tokens_per_sample": per_sample,
     }
@@ -168,13 +168,20 @@ def seed_tasks(
     def task(name: str, after: tuple[str, ...], work: Callable[[], None]) -> Task:
         return Task(f"seed{seed}/{name}", tuple(f"seed{seed}/{a}" for a in after), work)
 
-    base_overrides = (*common, *stage2_overrides(protocol, steps["base"], protocol.pretrain_lr))
+    base_overrides = (
+        *common,
+        *stage2_overrides(protocol, steps["base"], protocol.pretrain_lr, protocol.pretrain_micro_batch_size),
+    )
     tasks = [
         task("base", (), phase("base", TrainerRun("baseline", root / "base", pretrain, None, base_overrides)))
     ]
     base = root / "base" / "export"
     for recipe in recipes:
-        overrides = (*common, *stage2_overrides(protocol, steps["recipes"][recipe], protocol.finetune_lr))
+        recipe_steps = steps["recipes"][recipe]
+        overrides = (
+            *common,
+            *stage2_overrides(protocol, recipe_steps, protocol.finetune_lr, protocol.micro_batch_size),
+        )
         if recipe == "verifiable":
             critic_overrides_ = (*common, *critic_overrides(protocol))
             critic = TrainerRun(

@@ -59,8 +59,12 @@ class Protocol:
     """Stage-2 tokens of every recipe on the ``train`` split."""
     finetune_lr: float = 1e-3
     """Peak stage-2 learning rate of every recipe."""
+    pretrain_micro_batch_size: int = 16
+    """Sequences per optimizer step of the base model's pre-training (one process). With 8, twice the steps
+    for the same tokens, two seeds' bases passed more held-out problems in a probe (README "Does the
+    weighting help?", "Smaller pre-training batches")."""
     micro_batch_size: int = 16
-    """Sequences per optimizer step (pre-training, fine-tuning and the critic; one process)."""
+    """Sequences per optimizer step of every recipe's fine-tuning (one process)."""
     warmup_steps: int = 20
     """Linear warm-up steps of every run."""
     length_window: int = 16
@@ -103,6 +107,7 @@ class Protocol:
         for name in (
             "pretrain_tokens",
             "finetune_tokens",
+            "pretrain_micro_batch_size",
             "micro_batch_size",
             "critic_steps",
             "critic_micro_batch_size",

@@ -71,11 +71,11 @@ def common_overrides(seed: int, threads: int, mixed_precision: str) -> tuple[str
     )
 
 
-def stage2_overrides(protocol: Protocol, steps: int, lr: float) -> tuple[str, ...]:
+def stage2_overrides(protocol: Protocol, steps: int, lr: float, micro_batch_size: int) -> tuple[str, ...]:
     """Stage-2 optimiser settings (the same for every recipe)."""
     return (
         f"stage2.steps={steps}",
-        f"stage2.micro_batch_size={protocol.micro_batch_size}",
+        f"stage2.micro_batch_size={micro_batch_size}",
         "stage2.grad_accum=1",
         f"stage2.lr={lr}",
         f"stage2.warmup_steps={min(protocol.warmup_steps, max(steps - 1, 0))}",
