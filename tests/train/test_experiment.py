@@ -103,7 +103,13 @@ def fake_results(pass1: dict[str, list[float]]) -> dict:
             for run, values in pass1.items()
         }
     return {
-        "protocol": {"samples": 5, "preset": "micro", "finetune_tokens": 1000, "pretrain_tokens": 2000},
+        "protocol": {
+            "samples": 5,
+            "preset": "micro",
+            "finetune_tokens": 1000,
+            "pretrain_tokens": 2000,
+            "micro_batch_size": 16,
+        },
         "recipes": recipes,
         "seeds": list(range(len(pass1["base"]))),
         "threads": 1,
@@ -127,6 +133,10 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     assert mean_std(diffs) == pytest.approx((0.1, 0.1))
     assert mean_std([0.5]) == (0.5, 0.0) and all(math.isnan(x) for x in mean_std([]))
     text = markdown(results)
+    # Results written before the base had its own batch size: it was the recipes'.
+    assert "1,000 tokens per recipe at batch 16; base model 2,000 tokens at batch 16." in text
+    results["protocol"]["pretrain_micro_batch_size"] = 8
+    assert "base model 2,000 tokens at batch 8." in markdown(results)
     assert "| baseline | 0.300 ± 0.100 |" in text
     assert "| correct_only | 0.600 ± 0.173 |" in text
     # t(0.975, 2 df) = 4.303: half-width 4.303 * 0.1 / sqrt(3) = 0.248.

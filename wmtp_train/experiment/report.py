@@ -144,6 +144,11 @@ def _walls(results: dict[str, Any], run: str, key: str) -> list[float]:
     ]
 
 
+def base_batch_size(protocol: dict[str, Any]) -> int:
+    """The base model's pre-training batch (results written before it had its own: the recipes')."""
+    return protocol.get("pretrain_micro_batch_size", protocol["micro_batch_size"])
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report's tables."""
     protocol = results["protocol"]
@@ -153,7 +158,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Seeds: {n} ({', '.join(map(str, results['seeds']))}); mean ± sample std over seeds. "
         f"Preset `{protocol['preset']}`; stage-2 budget {protocol['finetune_tokens']:,} "
-        f"tokens per recipe; base model {protocol['pretrain_tokens']:,} tokens.",
+        f"tokens per recipe at batch {protocol['micro_batch_size']}; base model "
+        f"{protocol['pretrain_tokens']:,} tokens at batch {base_batch_size(protocol)}.",
         "",
         "| run | " + " | ".join(label for label, _, _ in rows) + " | stage-2 tokens | train time (s) |",
         "|---" * (len(rows) + 3) + "|",
