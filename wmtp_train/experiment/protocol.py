@@ -60,9 +60,9 @@ class Protocol:
     finetune_lr: float = 1e-3
     """Peak stage-2 learning rate of every recipe."""
     pretrain_micro_batch_size: int = 16
-    """Sequences per optimizer step of the base model's pre-training (one process). With 8, twice the steps
-    for the same tokens, two seeds' bases passed more held-out problems in a probe (README "Does the
-    weighting help?", "Smaller pre-training batches")."""
+    """Sequences per optimizer step of the base model's pre-training (one process). With 8 (twice the steps
+    for the same tokens) all three seeds' bases left the floor in one run, where at 16 one or two do
+    (README "Does the weighting help?", "Smaller pre-training batches")."""
     micro_batch_size: int = 16
     """Sequences per optimizer step of every recipe's fine-tuning (one process)."""
     warmup_steps: int = 20

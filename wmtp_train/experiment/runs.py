@@ -72,7 +72,7 @@ def common_overrides(seed: int, threads: int, mixed_precision: str) -> tuple[str
 
 
 def stage2_overrides(protocol: Protocol, steps: int, lr: float, micro_batch_size: int) -> tuple[str, ...]:
-    """Stage-2 optimiser settings (the same for every recipe)."""
+    """Stage-2 optimiser settings: the same for every recipe, the base's with its own lr and batch size."""
     return (
         f"stage2.steps={steps}",
         f"stage2.micro_batch_size={micro_batch_size}",
