@@ -33,7 +33,7 @@ RECIPE_WEIGHTING = {
 DEFAULT_RECIPES = ("baseline", "correct_only", "verifiable")
 """The recipes compared when none are named: the question (``verifiable``) against uniform training and
 filtered fine-tuning. ``rho1_weighted`` is opt-in (``--recipes``): its reference-model forward makes it the
-slowest recipe, and the default protocol already takes 52 minutes here (README "Does the weighting
+slowest recipe, and the default protocol already takes 57 minutes here (README "Does the weighting
 help?")."""
 
 
@@ -49,9 +49,9 @@ class Protocol:
     """Its split fractions (pretrain, train, held-out problems, held-out compositions): most problems go to
     the unlabelled pre-training split, which is what teaches the base model to write these functions."""
     pretrain_tokens: int = 6_000_000
-    """Plain-MTP tokens of the base model on the ``pretrain`` split. 5 M tokens leave 4 of 5 seeds' bases
-    at the floor (greedy pass@1 under 0.08, in fp32 and in bf16 alike); at 6 M, 1 or 2 of 3 seeds' bases
-    learn to copy the docstring's constants, depending on small numerical differences (README "Does the
+    """Plain-MTP tokens of the base model on the ``pretrain`` split. At micro-batch 16, 5 M tokens leave 4
+    of 5 seeds' bases at the floor (greedy pass@1 under 0.08, in fp32 and in bf16 alike) and 6 M leave 1 or
+    2 of 3, depending on small numerical differences; at micro-batch 8 all three left it (README "Does the
     weighting help?")."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the base model."""
@@ -59,10 +59,10 @@ class Protocol:
     """Stage-2 tokens of every recipe on the ``train`` split."""
     finetune_lr: float = 1e-3
     """Peak stage-2 learning rate of every recipe."""
-    pretrain_micro_batch_size: int = 16
-    """Sequences per optimizer step of the base model's pre-training (one process). With 8 (twice the steps
-    for the same tokens) all three seeds' bases left the floor in one run, where at 16 one or two do
-    (README "Does the weighting help?", "Smaller pre-training batches")."""
+    pretrain_micro_batch_size: int = 8
+    """Sequences per optimizer step of the base model's pre-training (one process). At 8 (twice the steps
+    of 16 for the same tokens, ~9 % slower per token) all three seeds' bases left the floor, where at 16
+    one or two of three did (README "Does the weighting help?")."""
     micro_batch_size: int = 16
     """Sequences per optimizer step of every recipe's fine-tuning (one process)."""
     warmup_steps: int = 20
@@ -84,8 +84,8 @@ class Protocol:
     mixed_precision: str = "bf16"
     """``parallel.mixed_precision`` of every training run: bf16 parameters in forward and backward, fp32
     master weights and gradient reduction, attention in fp32 on the CPU; ``none`` for full fp32. On this
-    CPU (AVX-512 BF16) a 6 M-token base trains in 21 min, against 26 with bf16 attention (README "Does
-    the weighting help?", "bf16")."""
+    CPU (AVX-512 BF16) a 6 M-token base trains in 24 min at micro-batch 8, and at 16 in 21 min against 26
+    with bf16 attention (README "Does the weighting help?")."""
     greedy_problems: int | None = 150
     """Problems per held-out split for greedy pass@1 (the first ones in task order; None: all)."""
     sampled_problems: int = 32
