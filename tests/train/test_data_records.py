@@ -51,6 +51,15 @@ def test_lazy_dataset_reads_every_record_through_offsets(good_file):
         ds.record(20)
 
 
+def test_field_reads_what_a_code_record_does_not_keep(tmp_path):
+    rows = [{**rec(0), "variant": "canonical"}, rec(1), {**rec(2), "variant": "mutant:operator_swap"}]
+    ds = LazyJsonlDataset(write_jsonl(tmp_path / "variants.jsonl", rows), TOK, max_len=64)
+    assert [ds.field(i, "variant") for i in range(3)] == ["canonical", None, "mutant:operator_swap"]
+    assert ds.field(-1, "difficulty") == rows[2]["difficulty"]
+    with pytest.raises(IndexError):
+        ds.field(3, "variant")
+
+
 def test_index_is_cached_and_reused(good_file, monkeypatch):
     path, _ = good_file
     LazyJsonlDataset(path, TOK, max_len=64)
@@ -121,6 +130,7 @@ def test_skip_policy_drops_bad_lines_and_logs_count(tmp_path, caplog):
     assert f"skipped {len(BAD_LINES)} invalid" in caplog.text
     assert ds.index.line_numbers.tolist() == [1, len(lines)]
     assert [ds.record(i).is_correct for i in range(2)] == [True, False]
+    assert [ds.field(i, "task_id") for i in range(2)] == ["T/0", "T/2"]  # the kept lines, not 0 and 1
     # The cache remembers the skipped lines: a strict reader still refuses the file.
     with pytest.raises(RecordError, match=":2:"):
         LazyJsonlDataset(path, TOK, max_len=64, on_error="raise", max_record_bytes=4096)

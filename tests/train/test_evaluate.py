@@ -235,6 +235,7 @@ def write_records(path, n=10):
             "completion": "    return x" + " + 1" * (i % 4) + "\n",
             "is_correct": i % 3 != 1,
             "difficulty": 1 + i % 11,
+            **({"variant": "canonical" if i % 3 != 1 else f"mutant:{'ab'[i % 2]}"} if i != 7 else {}),
         }
         for i in range(n)
     ]
@@ -277,6 +278,19 @@ def test_critic_report_matches_per_record_computation(tmp_path, critic_model):
     assert metrics["mean_weight_incorrect"] == pytest.approx(np.mean(weight_by_label[False]), abs=1e-5)
     lines = (tmp_path / "out" / "critic_records.jsonl").read_text().splitlines()
     assert [json.loads(line)["value_last"] for line in lines] == pytest.approx(last_values, abs=1e-5)
+    assert [json.loads(line)["variant"] for line in lines] == [r.get("variant") for r in records]
+    # Per mutation kind: that kind's incorrect records against every correct one; record 7, incorrect
+    # without a variant, is in no kind.
+    correct = [v for v, y in zip(last_values, labels) if y]
+    for kind in ("a", "b"):
+        wrong = [v for v, r in zip(last_values, records) if r.get("variant") == f"mutant:{kind}"]
+        assert metrics[f"auc_vs_correct/mutant:{kind}"] == pytest.approx(
+            roc_auc(correct + wrong, [True] * len(correct) + [False] * len(wrong))
+        )
+    assert sorted(k for k in metrics if k.startswith("auc_vs_correct/")) == [
+        "auc_vs_correct/mutant:a",
+        "auc_vs_correct/mutant:b",
+    ]
 
 
 def test_critic_cli(run_dir, tmp_path):

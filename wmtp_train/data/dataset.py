@@ -11,10 +11,12 @@ its head and gets at least half of the remaining room (all of it if shorter), th
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -164,6 +166,22 @@ class LazyJsonlDataset(torch.utils.data.Dataset):
         Returns:
             The record.
         """
+        line, where = self._line(i)
+        return parse_record_line(line, where, self.index.max_record_bytes)
+
+    def field(self, i: int, name: str) -> Any:
+        """Field ``name`` of record ``i`` as the file has it, None when absent: the fields a
+        :class:`CodeRecord` does not keep, such as a synthetic record's ``variant``.
+
+        Args:
+            i: record index in ``[-len, len)``.
+            name: the JSON key.
+        """
+        line, _ = self._line(i)
+        return json.loads(line).get(name)
+
+    def _line(self, i: int) -> tuple[bytes, str]:
+        """The raw line of record ``i`` and its ``file:line`` location."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} records")
@@ -171,9 +189,7 @@ class LazyJsonlDataset(torch.utils.data.Dataset):
         fd = self._descriptor()
         self.index.check_fresh(os.fstat(fd))
         offset, length = int(self.index.offsets[i]), int(self.index.lengths[i])
-        line = os.pread(fd, length, offset)
-        where = f"{self.path}:{int(self.index.line_numbers[i])}"
-        return parse_record_line(line, where, self.index.max_record_bytes)
+        return os.pread(fd, length, offset), f"{self.path}:{int(self.index.line_numbers[i])}"
 
     def __getitem__(self, i: int) -> Sample:
         return tokenize_record(self.record(i), self.tokenizer, self.max_len)

@@ -82,7 +82,9 @@ def critic_report(
     ``mean_weight_mutated_token`` (mean TD weight of the incorrect records' mutated token: the first token
     no correct record of the same task shares, :func:`~wmtp_train.eval.metrics.mutation_positions`;
     ``n_mutated_tokens`` records have one),
-    ``mean_value_correct`` / ``mean_value_incorrect`` (V at the last token).
+    ``mean_value_correct`` / ``mean_value_incorrect`` (V at the last token), and for records that name
+    their ``variant`` (the mutation kind) ``auc_vs_correct/VARIANT``: the last-token AUC of that variant's
+    incorrect records against all correct ones.
 
     Args:
         model: the model.
@@ -100,6 +102,7 @@ def critic_report(
         raise ValueError(f"data_path: {data_path} has no records")
     device, weighting = model.tok_embeddings.weight.device, options.weighting
     samples = [dataset[i] for i in range(n)]
+    variants = [dataset.field(i, "variant") for i in range(n)]
     mutated = mutation_positions([(s.task_id, s.input_ids, s.reward > 0.5) for s in samples])
     rows, moments = [], torch.zeros(5, dtype=torch.float64)
     weight_sums = {True: [0.0, 0], False: [0.0, 0]}  # label -> [sum of weights, token count]
@@ -125,6 +128,7 @@ def critic_report(
             rows.append(
                 {
                     "task_id": batch["task_ids"][b],
+                    "variant": variants[start + b],
                     "is_correct": correct,
                     "value_last": float(values[b, last[b]]),
                     "mean_weight": float(w.mean()) if w.numel() else math.nan,
@@ -155,6 +159,7 @@ def critic_report(
         "n_mutated_tokens": len(mutated_weights),
         "mean_value_correct": mean_where(True),
         "mean_value_incorrect": mean_where(False),
+        **_auc_by_variant(last_values, labels, variants),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,23 @@ def critic_report(
         f.writelines(json.dumps(r) + "\n" for r in rows)
     (out / "critic_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _auc_by_variant(last_values: list[float], labels: list[bool], variants: list[Any]) -> dict[str, float]:
+    """``auc_vs_correct/VARIANT``: the last-token AUC of the incorrect records of each variant (the
+    mutation kind of the synthetic and HumanEval records) against all correct records: which mistakes the
+    critic sees. Empty when no incorrect record names a variant or no record is correct."""
+    correct = [v for v, y in zip(last_values, labels) if y]
+    incorrect: dict[str, list[float]] = {}
+    for value, label, variant in zip(last_values, labels, variants):
+        if not label and variant is not None:
+            incorrect.setdefault(str(variant), []).append(value)
+    if not correct:
+        return {}
+    return {
+        f"auc_vs_correct/{variant}": roc_auc(correct + values, [True] * len(correct) + [False] * len(values))
+        for variant, values in sorted(incorrect.items())
+    }
 
 
 def _ratio(total: float, count: int) -> float:
