@@ -51,8 +51,8 @@ class Protocol:
     pretrain_tokens: int = 6_000_000
     """Plain-MTP tokens of the base model on the ``pretrain`` split. At micro-batch 16, 5 M tokens leave 4
     of 5 seeds' bases at the floor (greedy pass@1 under 0.08, in fp32 and in bf16 alike) and 6 M leave 1 or
-    2 of 3, depending on small numerical differences; at micro-batch 8 all three left it (README "Does the
-    weighting help?")."""
+    2 of 3, depending on small numerical differences; at micro-batch 8 none of 5 stayed there (README
+    "Does the weighting help?")."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the base model."""
     finetune_tokens: int = 600_000
@@ -61,7 +61,7 @@ class Protocol:
     """Peak stage-2 learning rate of every recipe."""
     pretrain_micro_batch_size: int = 8
     """Sequences per optimizer step of the base model's pre-training (one process). At 8 (twice the steps
-    of 16 for the same tokens, ~9 % slower per token) all three seeds' bases left the floor, where at 16
+    of 16 for the same tokens, ~9 % slower per token) all five seeds' bases left the floor, where at 16
     one or two of three did (README "Does the weighting help?")."""
     micro_batch_size: int = 16
     """Sequences per optimizer step of every recipe's fine-tuning (one process)."""
