@@ -14,6 +14,7 @@ from wmtp_train.data.dataset import LazyJsonlDataset
 from wmtp_train.data.synthetic import HELDOUT_SPLITS
 from wmtp_train.data.synthetic_build import records_path
 from wmtp_train.data.tokenizer import ByteTokenizer
+from wmtp_train.eval.critic import AUC_BY_VARIANT
 from wmtp_train.experiment.__main__ import build_parser, parse_override
 from wmtp_train.experiment.__main__ import main as experiment_main
 from wmtp_train.experiment.driver import MAX_LEN, plan_steps
@@ -156,6 +157,31 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     assert "![pass@1 and training curves](report.png)" in (tmp_path / "report.md").read_text()
 
 
+def test_report_shows_the_critics_auc_per_variant():
+    results = fake_results({"base": [0.1, 0.1], "verifiable": [0.2, 0.3]})
+    assert "Which mistakes" not in markdown(results)  # results without the per-variant figures
+    for seed, (swap, constant) in enumerate([(0.9, 0.5), (1.0, 0.7)]):
+        results["runs"][f"seed{seed}"]["critic"] = {
+            "train": {"stage1": {"tokens": 500.0}},
+            "train_wall_s": 5.0,
+            "eval_wall_s": 1.0,
+            "eval": {
+                "critic": {
+                    "auc_last_value": 0.8,
+                    f"{AUC_BY_VARIANT}mutant:operator_swap": swap,
+                    f"{AUC_BY_VARIANT}mutant:constant_change": constant,
+                }
+            }
+        }
+    text = markdown(results)
+    assert "| critic | `mutant:constant_change` | `mutant:operator_swap` |" in text
+    assert "| after stage 1 (frozen base trunk) | 0.600 ± 0.141 | 0.950 ± 0.071 |" in text
+    # verifiable's own critic (after stage 2) has no per-variant figures here: a row in the critic table
+    # above, none in this one.
+    assert text.count("| after stage 1 (frozen base trunk) |") == 2
+    assert text.count("| after stage 2 |") == 1
+
+
 def test_per_problem_sign_test(tmp_path):
     # 3 against 21 discordant problems: 2 * (C(24,0) + C(24,1) + C(24,2) + C(24,3)) / 2^24 = 2.77e-4
     assert sign_test(3, 21) == pytest.approx(2 * 2325 / 2**24)
@@ -225,6 +251,7 @@ def test_quick_protocol_end_to_end(tmp_path):
     assert 0.0 <= critic["auc_last_value"] <= 1.0
     assert critic["explained_variance"] <= critic["explained_variance_ceiling"] + 1e-9
     assert critic["n_mutated_tokens"] > 0
+    assert any(key.startswith(f"{AUC_BY_VARIANT}mutant:") for key in critic)
     report = (out / "report.md").read_text()
     mean = seed["correct_only"]["eval"]["greedy"][f"pass@1/{HELDOUT_SPLITS[0]}"]
     assert f"| correct_only | {mean:.3f} |" in report

@@ -25,6 +25,9 @@ from wmtp_train.eval.metrics import (
 )
 from wmtp_train.model import MTPTransformer
 
+AUC_BY_VARIANT = "auc_vs_correct/"
+"""Prefix of the critic report's per-variant AUCs (``auc_vs_correct/VARIANT``)."""
+
 
 @dataclass(frozen=True)
 class CriticOptions:
@@ -181,7 +184,7 @@ def _auc_by_variant(last_values: list[float], labels: list[bool], variants: list
     if not correct:
         return {}
     return {
-        f"auc_vs_correct/{variant}": roc_auc(correct + values, [True] * len(correct) + [False] * len(values))
+        f"{AUC_BY_VARIANT}{variant}": roc_auc(correct + values, [True] * len(correct) + [False] * len(values))
         for variant, values in sorted(incorrect.items())
     }
 

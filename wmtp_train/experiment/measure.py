@@ -15,7 +15,7 @@ import torch
 
 from wmtp_train.data.synthetic import HELDOUT_SPLITS
 from wmtp_train.data.synthetic_build import load_split_problems, records_path
-from wmtp_train.eval.critic import critic_options, critic_report
+from wmtp_train.eval.critic import AUC_BY_VARIANT, critic_options, critic_report
 from wmtp_train.eval.humaneval import HumanEvalOptions
 from wmtp_train.eval.loading import load_for_evaluation
 from wmtp_train.eval.synthetic import BATCHED_PROGRAMS, evaluate_synthetic
@@ -32,7 +32,7 @@ CRITIC_KEYS = (
     "n_records",
     "n_mutated_tokens",
 )
-"""The critic report's figures a comparison keeps."""
+"""The critic report's figures a comparison keeps, besides its per-variant AUCs."""
 
 
 def heldout_records(data_dir: Path, out: Path, problems: int | None) -> Path:
@@ -107,7 +107,8 @@ def evaluate_model(
             result["sampled"] = evaluate_synthetic(model, tokenizer, sampled, out / "sampled", data_dir)
         if critic_data is not None:
             report = critic_report(model, tokenizer, critic_data, critic_options(checkpoint), out / "critic")
-            result["critic"] = {key: report[key] for key in CRITIC_KEYS}
+            kept = (key for key in report if key in CRITIC_KEYS or key.startswith(AUC_BY_VARIANT))
+            result["critic"] = {key: report[key] for key in kept}
     return result
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from wmtp_train.data.synthetic import HELDOUT_SPLITS
+from wmtp_train.eval.critic import AUC_BY_VARIANT
 
 PAIRS = (("verifiable", "baseline"), ("verifiable", "correct_only"))
 """Paired differences reported (first minus second), when both recipes ran."""
@@ -228,8 +229,38 @@ def markdown(results: dict[str, Any]) -> str:
                 )
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(ratio)} |")
+        lines += _critic_by_variant_table(results, critic_runs)
     lines += ["", timing(results)]
     return "\n".join(lines) + "\n"
+
+
+def _critic_by_variant_table(results: dict[str, Any], critic_runs: list[tuple[str, str]]) -> list[str]:
+    """The critics' last-token AUC of each mutation kind's incorrect records against all correct ones
+    (none for results written before the critic report had them)."""
+    variants = sorted(
+        {
+            key.removeprefix(AUC_BY_VARIANT)
+            for seed_runs in results["runs"].values()
+            for name, _ in critic_runs
+            for key in seed_runs.get(name, {}).get("eval", {}).get("critic", {})
+            if key.startswith(AUC_BY_VARIANT)
+        }
+    )
+    if not variants:
+        return []
+    lines = [
+        "",
+        "Which mistakes the critic sees: the last-token AUC of each variant's incorrect records against all "
+        "correct records:",
+        "",
+        "| critic | " + " | ".join(f"`{variant}`" for variant in variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    for name, label in critic_runs:
+        values = [seed_values(results, name, "critic", AUC_BY_VARIANT + variant) for variant in variants]
+        if any(values):
+            lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |")
+    return lines
 
 
 def timing(results: dict[str, Any]) -> str:
