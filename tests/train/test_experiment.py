@@ -171,7 +171,7 @@ def test_report_shows_the_critics_auc_per_variant():
                     f"{AUC_BY_VARIANT}mutant:operator_swap": swap,
                     f"{AUC_BY_VARIANT}mutant:constant_change": constant,
                 }
-            }
+            },
         }
     text = markdown(results)
     assert "| critic | `mutant:constant_change` | `mutant:operator_swap` |" in text
