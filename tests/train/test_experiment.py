@@ -149,6 +149,11 @@ def test_report_means_stds_and_paired_differences(tmp_path):
         "| verifiable − correct_only | -0.200 ± 0.300 (-0.200, +0.100, -0.500; 95% CI -0.945 to +0.545) |"
         in text
     )
+    assert "rho1_weighted −" not in text and "− rho1_weighted" not in text
+    with_rho1 = markdown(fake_results({**values, "rho1_weighted": [0.4, 0.4, 0.4]}))
+    assert "| rho1_weighted − baseline | 0.100 ± 0.100 (+0.200, +0.000, +0.100;" in with_rho1
+    assert "| verifiable − rho1_weighted | 0.000 ± 0.173 (-0.100, +0.200, -0.100;" in with_rho1
+    assert "| rho1_weighted − correct_only | -0.200 ± 0.173 (-0.100, -0.100, -0.400;" in with_rho1
     write_report(results, tmp_path / "report.md", tmp_path / "report.png")
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,6 +205,9 @@ def test_per_problem_sign_test(tmp_path):
     assert discordant_problems(results, "verifiable", "baseline", split) == (2, 0)
     text = markdown(results)
     assert f"| verifiable − correct_only | 2 / 4 (p = {sign_test(2, 4):.4f}) |" in text
+    for seed_runs in results["runs"].values():  # 10 problems per seed only verifiable solves: p = 2 / 2^20
+        seed_runs["verifiable"]["eval"]["greedy"][f"solved/{split}"] = ["a", *map(str, range(10))]
+    assert "| verifiable − baseline | 20 / 0 (p < 0.0001) |" in markdown(results)
 
 
 def test_solved_problems_reads_the_greedy_records(tmp_path):

@@ -14,8 +14,15 @@ import numpy as np
 from wmtp_train.data.synthetic import HELDOUT_SPLITS
 from wmtp_train.eval.critic import AUC_BY_VARIANT
 
-PAIRS = (("verifiable", "baseline"), ("verifiable", "correct_only"))
-"""Paired differences reported (first minus second), when both recipes ran."""
+PAIRS = (
+    ("verifiable", "baseline"),
+    ("verifiable", "correct_only"),
+    ("rho1_weighted", "baseline"),
+    ("rho1_weighted", "correct_only"),
+    ("verifiable", "rho1_weighted"),
+)
+"""Paired differences reported (first minus second), when both recipes ran: the question (``verifiable``)
+against uniform training and filtering, and the label-free ``rho1_weighted`` against all three."""
 SHORT = {"heldout_problems": "seen templates", "heldout_compositions": "unseen compositions"}
 
 
@@ -68,6 +75,7 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
+    mean = round(mean, digits) + 0.0  # no "-0.000" for a difference that rounds to zero
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
@@ -122,7 +130,9 @@ def _per_problem_table(results: dict[str, Any], pairs: list[tuple[str, str]]) ->
         cells = []
         for split in HELDOUT_SPLITS:
             first_only, second_only = discordant_problems(results, a, b, split)
-            cells.append(f"{first_only} / {second_only} (p = {sign_test(first_only, second_only):.4f})")
+            p_value = sign_test(first_only, second_only)
+            shown = "p < 0.0001" if p_value < 5e-5 else f"p = {p_value:.4f}"
+            cells.append(f"{first_only} / {second_only} ({shown})")
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return lines
 
