@@ -38,9 +38,14 @@ def pass_metrics(samples: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _evaluation(seed_runs: dict[str, Any], run: str, evaluation: str) -> dict[str, Any]:
+    """One evaluation's figures of one run of one seed (empty where it is missing)."""
+    return seed_runs.get(run, {}).get("eval", {}).get(evaluation, {})
+
+
 def _figure(seed_runs: dict[str, Any], run: str, evaluation: str, metric: str) -> Any:
     """One evaluation figure of one run of one seed, or ``None`` where it is missing."""
-    return seed_runs.get(run, {}).get("eval", {}).get(evaluation, {}).get(metric)
+    return _evaluation(seed_runs, run, evaluation).get(metric)
 
 
 def seed_values(results: dict[str, Any], run: str, evaluation: str, metric: str) -> list[float]:
@@ -146,7 +151,7 @@ def _stage(results: dict[str, Any], run: str, stage: str, key: str) -> list[floa
 
 
 def _greedy_keys(seed_runs: dict[str, Any]) -> set[str]:
-    return {key for run in seed_runs.values() for key in run.get("eval", {}).get("greedy", {})}
+    return {key for run in seed_runs for key in _evaluation(seed_runs, run, "greedy")}
 
 
 def _walls(results: dict[str, Any], run: str, key: str) -> list[float]:
@@ -252,7 +257,7 @@ def _critic_by_variant_table(results: dict[str, Any], critic_runs: list[tuple[st
             key.removeprefix(AUC_BY_VARIANT)
             for seed_runs in results["runs"].values()
             for name, _ in critic_runs
-            for key in seed_runs.get(name, {}).get("eval", {}).get("critic", {})
+            for key in _evaluation(seed_runs, name, "critic")
             if key.startswith(AUC_BY_VARIANT)
         }
     )
