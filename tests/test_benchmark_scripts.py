@@ -126,9 +126,15 @@ def test_pareto_keeps_only_undominated_points():
 
 def test_every_benchmark_module_imports():
     """What a user runs first, ``pytest benchmarks --benchmark-only``, collects every ``bench_*.py``: one
-    broken import there stops the whole run (as a stale helper name in ``bench_compile.py`` once did)."""
-    collect = [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(collect, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    broken import there stops the whole run (as a stale helper name in ``bench_compile.py`` once did).
+
+    Run as the bare ``pytest`` command is: ``-P`` keeps the working directory off ``sys.path`` (``python -m``
+    would add it) and no ``PYTHONPATH``, so the repository root must come from pytest's own configuration.
+    """
+    collect = [sys.executable, "-P", "-m", "pytest", "benchmarks", "--collect-only", "-q"]
+    collect += ["-p", "no:cacheprovider"]
+    bare_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(collect, capture_output=True, text=True, env=bare_env, cwd=ROOT, timeout=300)
     assert result.returncode == 0 and "ERROR" not in result.stdout, result.stdout[-3000:]
 
 

@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+from functools import partial
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -118,6 +119,37 @@ def blocked(x, w, targets, coef, chunk, vblock):
             gb[rows[hit], t[hit] - v0] -= 1
             (torch.mm(gb.t(), hs, out=dw[v0:v1]) if start == 0 else dw[v0:v1].addmm_(gb.t(), hs))
             dh.addmm_(gb, w[v0:v1])
+        dh.mul_(c[:, None])
+    return loss, dx, dw, chunk * vocab * 4
+
+
+def pipelined(x, w, targets, coef, chunk, vblock):
+    """The library's loop with one pass over W per chunk instead of two: per vocabulary block (W_b and
+    dW_b in cache), chunk k's gradient GEMMs ``dh_k += G_b W_b``, ``dW_b += G_b^T (coef h_k)``, then the
+    next chunk's logits ``L_b = h_{k+1} W_b^T`` written over the block of G just consumed (one buffer)."""
+    n, dim = x.shape
+    vocab = w.shape[0]
+    buf = torch.empty(chunk, vocab)
+    dx = torch.empty_like(x)
+    dw = torch.empty(vocab, dim)
+    loss = x.new_zeros(())
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    torch.mm(x[: spans[0][1]], w.t(), out=buf[: spans[0][1]])
+    for k, (start, end) in enumerate(spans):
+        g = buf[: end - start]
+        ce = _softmax_grad_(g, targets[start:end])
+        c = coef[start:end]
+        loss += (ce * c).sum()
+        hs = x[start:end] * c[:, None]
+        dh = dx[start:end]
+        nxt = spans[k + 1] if k + 1 < len(spans) else None
+        for v0 in range(0, vocab, vblock):
+            v1 = min(v0 + vblock, vocab)
+            gb, wb = g[:, v0:v1], w[v0:v1]
+            (torch.mm(gb, wb, out=dh) if v0 == 0 else dh.addmm_(gb, wb))
+            (torch.mm(gb.t(), hs, out=dw[v0:v1]) if k == 0 else dw[v0:v1].addmm_(gb.t(), hs))
+            if nxt is not None:
+                torch.mm(x[nxt[0] : nxt[1]], wb.t(), out=buf[: nxt[1] - nxt[0], v0:v1])
         dh.mul_(c[:, None])
     return loss, dx, dw, chunk * vocab * 4
 
@@ -266,12 +298,14 @@ def curve(shape, chunks, rounds):
 
 DESIGNS = {
     "chunked-128": lambda *a: chunked(*a, 128),
+    "chunked-147": lambda *a: chunked(*a, 147),
     "chunked-256": lambda *a: chunked(*a, 256),
     "chunked-512": lambda *a: chunked(*a, 512),
     "chunked-col-256": lambda *a: chunked(*a, 256, layout="col"),
     "blocked-256-4096": lambda *a: blocked(*a, 256, 4096),
     "blocked-256-16384": lambda *a: blocked(*a, 256, 16384),
     "recompute-256-8192": lambda *a: recompute(*a, 256, 8192),
+    **{f"pipelined-147-{vb}": partial(pipelined, chunk=147, vblock=vb) for vb in (512, 2048, 8192, 32768)},
     "bf16-256": lambda *a: bf16_logits(*a, 256),
 }
 
