@@ -8,12 +8,14 @@ in the same process and checked against a float64 loss and gradients. Findings g
     python benchmarks/prototypes/cpu_design.py curve    [--shape 1,256,4,512,128256] [--rounds 3]
     python benchmarks/prototypes/cpu_design.py designs  [--shape ...] [--rounds 5] [--designs NAME,...]
     python benchmarks/prototypes/cpu_design.py accuracy [--shape ...]
+    python benchmarks/prototypes/cpu_design.py layouts  [--shape ...] [--chunks 73,147,256,512] [--rounds 5]
 
 ``curve``: each piece of the chunk loop (logits GEMM, softmax pass, the two gradient GEMMs in both
 layouts) summed over all chunks, per chunk size, as a ratio to the same GEMM over all rows at once: the
 measured GEMM efficiency curve. ``designs``: whole forward + backward passes, interleaved rounds with the
 floor, median ratio and min-max, the working memory each allocates (MiB, computed from its buffers), and
 the max error against float64. ``accuracy``: the bfloat16-logits variant's errors against float64.
+``layouts``: other call forms of the two GEMMs that read W (transposed, blocked, split), per chunk size.
 """
 
 from __future__ import annotations
@@ -296,6 +298,58 @@ def curve(shape, chunks, rounds):
         print(f"| {chunk} | {cells} | {total:.3f}× |", flush=True)
 
 
+def _layout_forms(x, w, chunk):
+    """One call of each form at ``chunk`` rows: logits `h W^T`, `(W h^T)^T`, logits in vocabulary blocks
+    of 8192, dh `G W`, `(W^T G^T)^T`, dh split along V in blocks of 16384."""
+    vocab, dim = w.shape
+    h, g = x[:chunk], torch.randn(chunk, vocab)
+    out, out_t = torch.empty(chunk, vocab), torch.empty(vocab, chunk)
+    dh, dh_t = torch.empty(chunk, dim), torch.empty(dim, chunk)
+
+    def blocks_logits(vb=8192):
+        for v0 in range(0, vocab, vb):
+            torch.mm(h, w[v0 : v0 + vb].t(), out=out[:, v0 : v0 + vb])
+
+    def split_dh(vb=16384):
+        torch.mm(g[:, :vb], w[:vb], out=dh)
+        for v0 in range(vb, vocab, vb):
+            dh.addmm_(g[:, v0 : v0 + vb], w[v0 : v0 + vb])
+
+    return {
+        "logits `h W^T`": lambda: torch.mm(h, w.t(), out=out),
+        "logits `(W h^T)^T`": lambda: torch.mm(w, h.t(), out=out_t),
+        "logits in V blocks of 8192": blocks_logits,
+        "dh `G W`": lambda: torch.mm(g, w, out=dh),
+        "dh `(W^T G^T)^T`": lambda: torch.mm(w.t(), g.t(), out=dh_t),
+        "dh split along V, blocks of 16384": split_dh,
+    }
+
+
+def layouts(shape, chunks, rounds):
+    """Other call forms of the two GEMMs that read W, per chunk size: one call times the number of chunks
+    against the plain call over all rows, in interleaved rounds (median ratio of the same rounds)."""
+    x, w, _, _ = make_rows(shape)
+    n = x.shape[0]
+    full_g, full_logits, full_dh = torch.randn(n, w.shape[0]), torch.empty(n, w.shape[0]), torch.empty_like(x)
+    whole = {
+        "logits": lambda: torch.mm(x, w.t(), out=full_logits),
+        "dh": lambda: torch.mm(full_g, w, out=full_dh),
+    }
+    print(f"shape {shape}: (one call x chunks) / (one call over all {n} rows), median of {rounds} "
+          "interleaved rounds (min-max)")  # fmt: skip
+    for chunk in chunks:
+        forms = _layout_forms(x, w, chunk)
+        for f in forms.values():
+            f()  # warm-up: touch the buffers
+        times = interleaved_rounds({**whole, **forms}, rounds, "cpu", before_each=lambda: None)
+        cells = []
+        for name in forms:
+            scaled = [t * n / chunk for t in times[name]]
+            s = ratio_summary(scaled, times["logits" if name.startswith("logits") else "dh"])
+            cells.append(f"{name} {s['ratio']:.2f}× ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})")
+        print(f"{chunk} rows: " + "; ".join(cells), flush=True)
+
+
 DESIGNS = {
     "chunked-128": lambda *a: chunked(*a, 128),
     "chunked-147": lambda *a: chunked(*a, 147),
@@ -312,7 +366,7 @@ DESIGNS = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["curve", "designs", "accuracy"])
+    p.add_argument("what", choices=["curve", "designs", "accuracy", "layouts"])
     p.add_argument("--shape", type=parse_shape, default=(1, 256, 4, 512, 128256))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--designs", default=",".join(DESIGNS))
@@ -320,6 +374,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.what == "curve":
         curve(args.shape, [int(c) for c in args.chunks.split(",")], args.rounds)
+    elif args.what == "layouts":
+        layouts(args.shape, [int(c) for c in args.chunks.split(",")], args.rounds)
     elif args.what == "designs":
         designs_table({k: DESIGNS[k] for k in args.designs.split(",")}, args.shape, args.rounds)
     else:
