@@ -33,6 +33,17 @@ def test_ffn_hidden_dim_matches_meta_llama():
     assert llama3.ffn_hidden_dim == 14336
 
 
+@pytest.mark.parametrize("preset", ["micro", "mini"])
+def test_byte_presets_fit_the_byte_tokenizer(preset):
+    from wmtp_train.data.tokenizer import ByteTokenizer
+
+    model = build_model(preset)
+    assert model.args.vocab_size == ByteTokenizer().vocab_size
+    assert model.args.n_future_tokens == 4
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == pytest.approx({"micro": 1.56e6, "mini": 6.10e6}[preset], rel=0.01)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -176,6 +176,19 @@ PRESETS: dict[str, ModelArgs] = {
         n_future_tokens=4,
         max_seq_len=2048,
     ),
+    # ~6.1 M parameters, the byte vocabulary of micro at twice its width (8 heads of 32, GQA 8/4): the
+    # larger base for the synthetic task's critic (README, "Why the critic does not learn"); a training
+    # step costs ~2.7x micro's on one CPU thread.
+    "mini": ModelArgs(
+        dim=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=260,
+        multiple_of=64,
+        n_future_tokens=4,
+        max_seq_len=2048,
+    ),
     # ~70 M parameters with the Llama 2 sentencepiece vocabulary.
     "small": ModelArgs(
         dim=512,
