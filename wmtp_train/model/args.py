@@ -176,9 +176,9 @@ PRESETS: dict[str, ModelArgs] = {
         n_future_tokens=4,
         max_seq_len=2048,
     ),
-    # ~6.1 M parameters, the byte vocabulary of micro at twice its width (8 heads of 32, GQA 8/4): the
-    # larger base for the synthetic task's critic (README, "Why the critic does not learn"); a training
-    # step costs ~2.7x micro's on one CPU thread.
+    # ~6.1 M parameters, the byte vocabulary of micro at twice its width (8 heads of 32, GQA 8/4); a
+    # training step costs ~2.7x micro's on one CPU thread. Tried as a wider base for the synthetic task's
+    # critic, which it did not help (README, "Why the critic does not learn").
     "mini": ModelArgs(
         dim=256,
         n_layers=8,
